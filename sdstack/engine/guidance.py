@@ -1,0 +1,70 @@
+"""The model side of sampling: UNet call, classifier-free guidance, per-step prompt schedules.
+
+`build_denoiser(bundle, ...)` returns `denoiser(x, sigma) -> denoised` for the samplers. Conditioning changes
+with the step index (prompt editing / alternation); the engine sets `.step` from the sampler callback.
+As A1111 does by default, cond and uncond run in one batch when their token lengths match, separately
+otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..prompts.conditioning import Cond
+from ..sampling.denoisers import make_denoiser
+
+
+def unet_model_fn(bundle):
+    """model_fn(x_in, t, context=..., pooled=..., time_ids=...) -> raw UNet output (eps or v)."""
+    unet = bundle.unet
+
+    def model_fn(x, t, *, context, pooled=None, time_ids=None):
+        dtype = next(unet.parameters()).dtype
+        added = None
+        if pooled is not None:
+            added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+        out = unet(x.to(dtype), t.to(dtype), encoder_hidden_states=context.to(dtype), added_cond_kwargs=added)
+        return out.sample.to(x.dtype)
+
+    return model_fn
+
+
+def pick(schedule: list[tuple[int, Cond]], step: int) -> Cond:
+    """A1111's rule: the first entry whose end step >= the current step."""
+    for end, cond in schedule:
+        if step <= end:
+            return cond
+    return schedule[-1][1]
+
+
+class CFGDenoiser:
+    """denoised = uncond + scale * (cond - uncond), with per-image, per-step conditioning."""
+
+    def __init__(self, bundle, pos: list[list[tuple[int, Cond]]], neg: list[list[tuple[int, Cond]]],
+                 cfg_scale: float, time_ids: torch.Tensor | None = None):
+        self.inner = make_denoiser(unet_model_fn(bundle), bundle.alphas_cumprod, bundle.prediction_type)
+        self.pos, self.neg, self.scale, self.time_ids = pos, neg, float(cfg_scale), time_ids
+        self.step = 0
+
+    def _run(self, x, sigma, conds: list[Cond]) -> torch.Tensor:
+        kw = {"context": torch.stack([c.context for c in conds])}
+        if conds[0].pooled is not None:
+            kw["pooled"] = torch.stack([c.pooled for c in conds])
+            kw["time_ids"] = self.time_ids.to(x.device).expand(len(conds), -1)
+        return self.inner(x, sigma, **kw)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        sigma = sigma * x.new_ones([b]) if sigma.ndim == 0 else sigma
+        pos = [pick(s, self.step) for s in self.pos]
+        if self.scale == 1.0:
+            return self._run(x, sigma, pos)
+        neg = [pick(s, self.step) for s in self.neg]
+        lengths = {c.context.shape[0] for c in pos + neg}
+        if len(lengths) == 1:
+            out = self._run(torch.cat([x, x]), torch.cat([sigma, sigma]), pos + neg)
+            cond, uncond = out[:b], out[b:]
+        else:
+            cond = torch.cat([self._run(x[i : i + 1], sigma[i : i + 1], [pos[i]]) for i in range(b)])
+            uncond = torch.cat([self._run(x[i : i + 1], sigma[i : i + 1], [neg[i]]) for i in range(b)])
+        return uncond + (cond - uncond) * self.scale
