@@ -45,7 +45,7 @@ RELATION_WORDS = {
     "above": ("above", "over"),
     "below": ("below", "under", "beneath"),
 }
-BACKGROUND_WORDS = ("on a {} background", "against a {} background", "with a {} background", "over a {} background")
+BACKGROUND_WORDS = ("on {} background", "against {} background", "with {} background", "over {} background")
 PREFIXES = ("", "a picture of ", "an image of ", "a drawing of ", "a simple drawing of ")
 
 
@@ -170,7 +170,8 @@ def render_caption(spec: PromptSpec, rng: random.Random | None = None, template:
         template = "plain" if rng is None else rng.choice(tuple(TEMPLATES))
     text = TEMPLATES[template](spec, rng, _body(spec, rng))
     if spec.background is not None:
-        text += " " + _pick(rng, BACKGROUND_WORDS).format(_pick(rng, COLOUR_WORDS[spec.background]))
+        word = _pick(rng, COLOUR_WORDS[spec.background])
+        text += " " + _pick(rng, BACKGROUND_WORDS).format(("an " if word[0] in "aeiou" else "a ") + word)
     return text
 
 
@@ -204,7 +205,7 @@ _OBJECT_RE = (rf"(?P<count{{n}}>{_alternation(_COUNT_OF)}) (?:(?P<size{{n}}>{_al
               rf"(?P<colour{{n}}>{_alternation(_COLOUR_OF)}) (?P<shape{{n}}>{_alternation(_SHAPE_OF)})"
               rf"(?: (?P<place{{n}}>{_alternation(_PLACE_OF)}))?")
 _BACKGROUND_RE = re.compile(
-    "(?P<head>.*?) (?:" + "|".join(w.format(rf"(?P<bg{i}>{_alternation(_COLOUR_OF)})")
+    "(?P<head>.*?) (?:" + "|".join(w.format(rf"an? (?P<bg{i}>{_alternation(_COLOUR_OF)})")
                                    for i, w in enumerate(BACKGROUND_WORDS)) + ")$")
 _PREFIX_RE = re.compile(rf"^(?:{_alternation([p.strip() for p in PREFIXES if p])}|there is|there are) ")
 _LIST_SPLIT_RE = re.compile(r", and |, | and ")

@@ -47,13 +47,13 @@ SUPERSAMPLE = 4
 
 # ---- Geometry rules, shared by the generator and the oracle (normalised coordinates; see module docstring). ----
 # An object's centre is the centre of its bounding box; its radius is half the larger side of that box.
-SIZE_RADIUS = {"small": (0.10, 0.12), "large": (0.18, 0.22)}  # what the generator draws
-SIZE_THRESHOLD = 0.15  # rule: radius < 0.15 -> "small", else "large"
+SIZE_RADIUS = {"small": (0.10, 0.12), "large": (0.17, 0.21)}  # what the generator draws
+SIZE_THRESHOLD = 0.145  # rule: radius < 0.145 -> "small", else "large"
 PLACE_LIMIT = 0.4  # rule: "left" = cx < 0.4, "right" = cx > 0.6, "top" = cy < 0.4, "bottom" = cy > 0.6
 CENTRE_LIMIT = 0.15  # rule: "centre" = |cx - 0.5| < 0.15 and |cy - 0.5| < 0.15
 RELATION_MARGIN = 0.1  # rule: "A left of B" = cx_B - cx_A > 0.1; "A above B" = cy_B - cy_A > 0.1
 BORDER = 0.03  # generator: gap between an object's box and the image edge
-GAP = 0.05  # generator: gap between two objects' boxes
+GAP = 0.04  # generator: gap between two objects' boxes
 
 
 def size_of(radius: float) -> str:
@@ -207,16 +207,26 @@ def _relation_clear(a: SceneObject, b: SceneObject, rel: str) -> bool:
     return along >= 0.25 and abs(across) <= 0.15
 
 
+def _cell_range(cell: int | None, axis: int, r_half: float) -> tuple[float, float]:
+    if cell is None:
+        return 0.0, 1.0
+    low_half = (cell >> axis) & 1 == 0
+    return (0.0, 0.5 - GAP / 2 - r_half) if low_half else (0.5 + GAP / 2 + r_half, 1.0)
+
+
 def _place_objects(items: list[tuple[str, str, str | None, str | None]], relation: Relation | None,
-                   rng: random.Random, tries: int = 400) -> tuple[SceneObject, ...] | None:
+                   rng: random.Random, tries: int = 300, grid: bool = False) -> tuple[SceneObject, ...] | None:
+    """Rejection sampling; with `grid`, each object keeps to its own quadrant (for crowded scenes)."""
     for _ in range(tries):
+        cells = rng.sample(range(4), len(items)) if grid else [None] * len(items)
         placed: list[SceneObject] = []
-        for shape, colour, size, place in items:
+        for (shape, colour, size, place), cell in zip(items, cells):
             r = rng.uniform(*SIZE_RADIUS[size])
-            hw, hh = shape_extent(shape)
-            cx = rng.uniform(*_centre_range(place, 0, hw * r))
-            cy = rng.uniform(*_centre_range(place, 1, hh * r))
-            obj = SceneObject(shape, colour, (cx, cy), r)
+            ranges = [(max(lo, clo), min(hi, chi)) for axis, half in enumerate(shape_extent(shape))
+                      for (lo, hi), (clo, chi) in [(_centre_range(place, axis, half * r), _cell_range(cell, axis, half * r))]]
+            if any(lo > hi for lo, hi in ranges):
+                break
+            obj = SceneObject(shape, colour, (rng.uniform(*ranges[0]), rng.uniform(*ranges[1])), r)
             if not all(_boxes_apart(obj, other) for other in placed):
                 break
             placed.append(obj)
@@ -239,7 +249,7 @@ def scene_from_prompt(spec: PromptSpec, rng: random.Random, background: str | No
                 # unstated sizes lean small as the attempts fail, so crowded scenes still fit
                 size = o.size or ("small" if rng.random() < 0.5 + attempt * 0.1 else "large")
                 items.append((o.shape, o.colour, size, o.place))
-        objects = _place_objects(items, spec.relation, rng)
+        objects = _place_objects(items, spec.relation, rng, grid=attempt % 2 == 1)
         if objects is not None:
             return Scene(bg, objects)
     raise RuntimeError(f"could not lay out {spec.text or spec!r}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import html
 import json
 from importlib import resources
 from pathlib import Path
@@ -53,7 +52,8 @@ def _tables() -> tuple[dict[str, int], dict[tuple[str, str], int]]:
 
 
 def _clean(text: str) -> str:
-    text = html.unescape(html.unescape(text)).strip()
+    # As transformers' CLIPTokenizer (what A1111 and diffusers use): whitespace collapsed, lower-cased;
+    # no HTML unescaping (OpenAI's original tokenizer unescapes; SD front-ends do not).
     return " ".join(text.split()).lower()
 
 
