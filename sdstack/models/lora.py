@@ -218,6 +218,7 @@ class _Targets:
 
     def __init__(self, bundle):
         self.modules: dict[str, dict[str, torch.nn.Module]] = {}
+        self.paths: dict[str, dict[str, str]] = {}  # component -> {name as files spell it: module path}
         self.flat: dict[str, tuple[str, str]] = {}  # "lora_unet_down_blocks_0_..." -> (component, module path)
         for comp, net, prefixes in _components(bundle):
             mods = {n: m for n, m in net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
@@ -225,6 +226,9 @@ class _Targets:
             names = {n: n for n in mods}
             if comp == "unet":
                 names.update({ldm: d for d, ldm in ldm_unet_module_names(net).items() if d in mods})
+            else:
+                names.update({a: n for a, n in _text_model_aliases(mods).items() if a not in names})
+            self.paths[comp] = names
             for prefix in prefixes:
                 for alias, path in names.items():
                     self.flat.setdefault(f"{prefix}_{alias.replace('.', '_')}", (comp, path))
@@ -236,8 +240,17 @@ class _Targets:
         comp, path = _split_dotted(prefix)
         if comp is None or comp not in self.modules:
             return None
-        path = _normalise_old_processor(path, comp)
-        return (comp, path) if path in self.modules[comp] else None
+        path = self.paths[comp].get(_normalise_old_processor(path, comp))
+        return (comp, path) if path is not None else None
+
+
+def _text_model_aliases(paths) -> dict[str, str]:
+    """Files name CLIP layers `text_model.encoder...`; transformers 5's CLIPTextModel drops the `text_model.`
+    level (CLIPTextModelWithProjection keeps it). Alias each path with and without it."""
+    out = {}
+    for n in paths:
+        out[n[len("text_model."):] if n.startswith("text_model.") else "text_model." + n] = n
+    return out
 
 
 def _split_dotted(prefix: str) -> tuple[str | None, str]:

@@ -141,8 +141,10 @@ def effective_scheduler(sampler: SamplerInfo, scheduler: SchedulerInfo) -> Sched
 def schedule_label(sampler: SamplerInfo | str, scheduler: SchedulerInfo | str | None = None) -> str:
     """What infotext's "Schedule type" shows: the resolved label, or "Automatic" when the sampler has no
     default of its own (as A1111 writes it)."""
-    if isinstance(sampler, str) or not isinstance(scheduler, SchedulerInfo):
-        sampler, scheduler = resolve_sampler(getattr(sampler, "name", sampler), getattr(scheduler, "label", scheduler))
+    if not isinstance(sampler, SamplerInfo) or not isinstance(scheduler, SchedulerInfo):
+        sampler_name = sampler.name if isinstance(sampler, SamplerInfo) else sampler
+        scheduler_name = scheduler.label if isinstance(scheduler, SchedulerInfo) else scheduler
+        sampler, scheduler = resolve_sampler(sampler_name, scheduler_name)
     if scheduler.fn is None and sampler.default_scheduler is None:
         return scheduler.label
     return effective_scheduler(sampler, scheduler).label

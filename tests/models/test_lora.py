@@ -33,7 +33,9 @@ def _lora_targets(bundle, convs: bool = True) -> list[tuple[str, str, torch.nn.M
             out.append(("unet", name, m))
     for i, te in enumerate(bundle.text_encoders):
         comp = "text_encoder" if i == 0 else "text_encoder_2"
-        out += [(comp, n, m) for n, m in te.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+        for n, m in te.named_modules():  # files spell CLIP layers `text_model.encoder.layers...`
+            if isinstance(m, torch.nn.Linear) and ".layers." in n:
+                out.append((comp, n if n.startswith("text_model.") else "text_model." + n, m))
     return out
 
 
