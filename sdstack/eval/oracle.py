@@ -135,8 +135,22 @@ def _background(rgb: np.ndarray, lab: np.ndarray) -> tuple[str | None, np.ndarra
     return COLOURS[best], np.median(rgb[ring][names == best], axis=0)
 
 
-def _regions(lab: np.ndarray, background: str, fg: np.ndarray) -> list[tuple[np.ndarray, str]]:
-    """Object masks with their colour names: components of the foreground, split where two colours touch."""
+def _mix_labels(pixels: np.ndarray, bg_rgb: np.ndarray, background: str) -> tuple[np.ndarray, np.ndarray]:
+    """For each pixel, the palette colour that best explains it as a mix with the background, and its share.
+
+    Antialiased edges are such mixes, so they take the colour of their object rather than a colour of their own.
+    """
+    axes = _PALETTE_RGB - bg_rgb  # (C, 3)
+    d = pixels - bg_rgb  # (N, 3)
+    t = np.clip(d @ axes.T / np.maximum((axes * axes).sum(-1), 1e-6), 0.0, 1.0)  # (N, C)
+    resid = np.linalg.norm(d[:, None, :] - t[..., None] * axes, axis=-1)
+    resid[:, COLOURS.index(background)] = np.inf
+    best = resid.argmin(-1)
+    return best, t[np.arange(len(best)), best]
+
+
+def _regions(rgb: np.ndarray, fg: np.ndarray, bg_rgb: np.ndarray, background: str) -> list[np.ndarray]:
+    """Object masks: components of the foreground, split where objects of two colours touch."""
     labels = label_components(fg)
     regions = []
     min_px = MIN_AREA * fg.size
@@ -144,18 +158,20 @@ def _regions(lab: np.ndarray, background: str, fg: np.ndarray) -> list[tuple[np.
         comp = labels == k
         if comp.sum() < min_px:
             continue
-        names = nearest_colour(lab[comp], exclude=background)
-        counts = np.bincount(names, minlength=len(COLOURS))
-        major = np.flatnonzero(counts >= SPLIT_SHARE * comp.sum())
+        names, share = _mix_labels(rgb[comp], bg_rgb, background)
+        counts = np.bincount(names[share >= 0.5], minlength=len(COLOURS))
+        major = np.flatnonzero(counts >= SPLIT_SHARE * max(counts.sum(), 1))
         if len(major) <= 1:
-            regions.append((comp, COLOURS[int(counts.argmax())]))
+            regions.append(comp)
             continue
-        sub_names = np.zeros(comp.shape, np.int64)  # each pixel to the nearest of the major colours
-        d = np.linalg.norm(lab[comp][:, None, :] - _PALETTE_LAB[major], axis=-1)
-        sub_names[comp] = major[d.argmin(-1)]
+        own = np.full(comp.shape, -1)
+        axes = _PALETTE_RGB[major] - bg_rgb
+        d = rgb[comp] - bg_rgb
+        t = np.clip(d @ axes.T / (axes * axes).sum(-1), 0.0, 1.0)
+        own[comp] = major[np.linalg.norm(d[:, None] - t[..., None] * axes, axis=-1).argmin(-1)]
         for c in major:
-            sub = label_components(comp & (sub_names == c))
-            regions += [(sub == j, COLOURS[c]) for j in range(sub.max() + 1) if (sub == j).sum() >= min_px]
+            sub = label_components(own == c)
+            regions += [sub == j for j in range(sub.max() + 1) if (sub == j).sum() >= min_px]
     return regions
 
 
@@ -198,7 +214,7 @@ def classify_shape(alpha: np.ndarray) -> tuple[str, float, tuple[float, float, f
     return best
 
 
-def _describe(region: np.ndarray, colour: str, rgb: np.ndarray, bg_rgb: np.ndarray, others: np.ndarray,
+def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.ndarray, others: np.ndarray,
               ) -> DetectedObject:
     h, w = region.shape
     ys, xs = np.nonzero(region)
@@ -208,6 +224,7 @@ def _describe(region: np.ndarray, colour: str, rgb: np.ndarray, bg_rgb: np.ndarr
     core = win_rgb[region[y0:y1, x0:x1]]
     dist = np.linalg.norm(core - bg_rgb, axis=-1)
     obj_rgb = np.median(core[dist >= np.quantile(dist, 0.5)], axis=0)
+    colour = COLOURS[int(nearest_colour(srgb_to_lab(obj_rgb), exclude=background))]
     near = _dilate(_dilate(region)) & ~others
     alpha = _coverage(win_rgb, bg_rgb, obj_rgb) * near[y0:y1, x0:x1]
     shape, err, (cx, cy, r) = classify_shape(alpha)
@@ -230,13 +247,11 @@ def analyze(image) -> Analysis:
     if background is None:
         return Analysis(None, (), w, h)
     fg = np.linalg.norm(lab - srgb_to_lab(bg_rgb), axis=-1) > FG_DELTA
-    regions = _regions(lab, background, fg)
+    regions = _regions(rgb, fg, bg_rgb, background)
     union = np.zeros((h, w), bool)
-    for region, _ in regions:
+    for region in regions:
         union |= region
-    objects = []
-    for region, colour in regions:
-        objects.append(_describe(region, colour, rgb, bg_rgb, union & ~_dilate(region)))
+    objects = [_describe(region, background, rgb, bg_rgb, union & ~_dilate(region)) for region in regions]
     return Analysis(background, tuple(objects), w, h)
 
 

@@ -80,6 +80,16 @@ def check_keys(component: str, expected: Iterable[str], given: Iterable[str], al
         raise key_error(component, missing, unexpected)
 
 
+def check_shapes(component: str, expected: Mapping[str, Iterable[int]], sd: Mapping[str, torch.Tensor],
+                 shown: int = 5) -> None:
+    """Raise CheckpointKeyError naming the tensors whose shape differs from `expected[key]`."""
+    bad = [(k, list(sd[k].shape), list(s)) for k, s in expected.items() if k in sd and tuple(sd[k].shape) != tuple(s)]
+    if bad:
+        more = f", ... ({len(bad)} in all)" if len(bad) > shown else ""
+        listed = ", ".join(f"{k} is {got}, expected {want}" for k, got, want in bad[:shown])
+        raise CheckpointKeyError(f"{component}: tensor shapes do not match the architecture: {listed}{more}")
+
+
 def _squeeze_conv1x1(t: torch.Tensor, key: str) -> torch.Tensor:
     if t.ndim == 2:
         return t
