@@ -28,7 +28,7 @@ from .captions import (COLOURS, MAX_OBJECTS, PLACES, RELATIONS, SHAPES, SIZES, O
 
 __all__ = ["PALETTE", "COLOURS", "SHAPES", "SIZES", "PLACES", "RELATIONS", "HELDOUT_PAIRS", "ShapesWorld", "Scene",
            "SceneObject", "ObjectSpec", "PromptSpec", "Relation", "render_scene", "scene_from_prompt", "random_spec",
-           "parse_caption", "render_caption", "in_place", "relation_holds", "size_of", "shape_polygon"]
+           "parse_caption", "render_caption", "in_place", "relation_holds", "size_of", "shape_polygon", "seeded_rng"]
 
 PALETTE = {
     "red": "#E02828", "orange": "#F58C1E", "yellow": "#F0D228", "green": "#28AA3C", "cyan": "#28C8DC",
@@ -53,7 +53,7 @@ PLACE_LIMIT = 0.4  # rule: "left" = cx < 0.4, "right" = cx > 0.6, "top" = cy < 0
 CENTRE_LIMIT = 0.15  # rule: "centre" = |cx - 0.5| < 0.15 and |cy - 0.5| < 0.15
 RELATION_MARGIN = 0.1  # rule: "A left of B" = cx_B - cx_A > 0.1; "A above B" = cy_B - cy_A > 0.1
 BORDER = 0.03  # generator: gap between an object's box and the image edge
-GAP = 0.04  # generator: gap between two objects' boxes
+GAP = 0.05  # generator: gap between two objects' boxes
 
 
 def size_of(radius: float) -> str:
@@ -300,7 +300,8 @@ def random_spec(rng: random.Random, split: str = "train", kind: str | None = Non
 
 # ---------------------------------------------------------------------------------------------------- the world
 
-def _rng(*parts) -> random.Random:
+def seeded_rng(*parts) -> random.Random:
+    """A `random.Random` fixed by `parts` alone (stable across Python versions and platforms)."""
     digest = hashlib.sha256(":".join(map(str, ("sdstack-shapes",) + parts)).encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
 
@@ -316,7 +317,7 @@ class ShapesWorld:
 
     def spec(self, index: int) -> tuple[PromptSpec, Scene]:
         """The claims and the scene of sample `index` (no pixels)."""
-        rng = _rng(self.seed, self.split, index)
+        rng = seeded_rng(self.seed, self.split, index)
         spec = random_spec(rng, self.split)
         spec = PromptSpec(spec.objects, spec.relation, spec.background, text=render_caption(spec, rng))
         return spec, scene_from_prompt(spec, rng)

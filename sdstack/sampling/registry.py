@@ -79,7 +79,8 @@ _ALL = (
                 discard_next_to_last_sigma=True, second_order=True, uses_noise=True, uses_ensd=True),
     # A1111 runs DDIM on its own timesteps 1, 1+k, ...; our "ddim" schedule is exactly those sigmas.
     SamplerInfo("DDIM", _basic(basic.sample_ddim), ("ddim",), "ddim"),
-    SamplerInfo("UniPC", lambda: _unipc().sample_unipc, ("unipc",)),
+    # A1111's UniPC steps time-uniformly from t=999 to t=0; SGM Uniform is those timesteps, ending at sigma 0.
+    SamplerInfo("UniPC", lambda: _unipc().sample_unipc, ("unipc",), "sgm_uniform"),
     # LCM models are distilled on trailing timesteps (999, 759, ...): SGM Uniform lands on them.
     SamplerInfo("LCM", _basic(basic.sample_lcm), ("k_lcm",), "sgm_uniform", uses_noise=True),
 )

@@ -150,7 +150,7 @@ def test_peft_alpha_from_adapter_metadata(sd1, tmp_path):
     deltas = _random_deltas(sd1, convs=False)
     cfg = {f"{c}.{k}": v for c in ("unet", "text_encoder") for k, v in (("r", RANK), ("lora_alpha", ALPHA))}
     for comp in ("unet", "text_encoder"):  # PEFT LoraConfig fields, as diffusers' save_lora_weights writes them
-        cfg[f"{comp}.target_modules"] = sorted(name for c, name in deltas if c == comp)
+        cfg[f"{comp}.target_modules"] = sorted(n.removeprefix("text_model.") for c, n in deltas if c == comp)
     path = _save(_peft(deltas, fold_scale=False), tmp_path / "meta.safetensors",
                  {"lora_adapter_metadata": json.dumps(cfg)})
     inputs = _inputs(sd1)
@@ -295,11 +295,18 @@ def test_unknown_keys_are_warned_and_foreign_lora_is_refused(sd1, tmp_path, capl
         with apply_loras(sd1, [(read_lora(_save(sd, tmp_path / "partly.safetensors")), 1.0, 1.0)]) as matches:
             assert len(matches[0].unmatched) == 3
     assert "partly" in caplog.text and "no_such_layer" in caplog.text and "LoHa/LoKr" in caplog.text
-    xl = tiny_bundle("sdxl", seed=0)
-    foreign = read_lora(_save(_kohya(_random_deltas(sd1)), tmp_path / "for_sd1.safetensors"))
-    with pytest.raises(UserError, match="for_sd1"):
-        with apply_loras(xl, [(foreign, 1.0, 1.0)]):
-            pass
+    wider = {k: (torch.zeros(RANK, d.shape[1] + 8, *d.shape[2:]), u) for k, (d, u) in _random_deltas(sd1).items()}
+    other_family = read_lora(_save(_kohya(wider), tmp_path / "other_family.safetensors"))
+    unrelated = {"lora_transformer_single_blocks_0_attn_to_q.lora_down.weight": torch.zeros(4, 8),
+                 "lora_transformer_single_blocks_0_attn_to_q.lora_up.weight": torch.zeros(8, 4)}
+    torch.save(unrelated, tmp_path / "flux.pt")
+    before = _snapshot(sd1)
+    for name, lora in [("other_family", other_family), ("flux", read_lora(tmp_path / "flux.pt"))]:
+        with pytest.raises(UserError, match=f"LoRA '{name}' .*no keys that match"):
+            with apply_loras(sd1, [(lora, 1.0, 1.0)]):
+                pass
+    after = _snapshot(sd1)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 # ------------------------------------------------------------------------------------------ SDXL, LDM names

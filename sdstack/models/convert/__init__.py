@@ -130,8 +130,11 @@ def vae_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping) ->
     return to_diffusers(vae.vae_keymap(config), part, "vae")
 
 
-def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], label: str = "") -> None:
-    """Strict load_state_dict naming missing/unexpected keys and wrong shapes (text encoders: either naming)."""
+def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], label: str = "", *, assign: bool = False) -> None:
+    """Strict load_state_dict naming missing/unexpected keys and wrong shapes (text encoders: either naming).
+
+    `assign=True` adopts the given tensors (for modules built on the meta device).
+    """
     label = label or type(module).__name__
     own = module.state_dict()
     if getattr(getattr(module, "config", None), "model_type", None) == "clip_text_model":
@@ -140,7 +143,7 @@ def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], label: st
     if missing or unexpected:
         raise key_error(label, missing, unexpected)
     check_shapes(label, {k: v.shape for k, v in own.items()}, sd)
-    module.load_state_dict(sd, strict=True)
+    module.load_state_dict(sd, strict=True, assign=assign)
 
 
 __all__ = ["LAYOUTS", "IGNORED_KEYS", "IGNORED_PREFIXES", "ALIASES", "apply_aliases", "is_ignored", "keymaps",

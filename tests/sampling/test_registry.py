@@ -1,0 +1,152 @@
+"""The sampler registry: A1111 names and name resolution, "Automatic" sigmas, and every registered sampler
+run the same way on a problem whose exact answer is known."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+
+from sdstack.errors import UserError
+from sdstack.sampling import schedules
+from sdstack.sampling.denoisers import DiscreteSchedule, make_denoiser
+from sdstack.sampling.registry import SAMPLERS, get_sigmas, resolve_sampler, schedule_label
+from sdstack.sampling.rng import generator, generator_noise, randn
+from sdstack.sampling.schedules import SCHEDULERS
+
+A1111_NAMES = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2S a", "Euler a", "Euler", "LMS", "Heun", "DPM2",
+               "DPM2 a", "DDIM", "UniPC", "LCM"]
+
+
+@pytest.fixture(scope="module")
+def sd_schedule() -> DiscreteSchedule:
+    return DiscreteSchedule(diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                             beta_schedule="scaled_linear").alphas_cumprod)
+
+
+def test_keys_are_a1111_ui_names_in_a1111_order():
+    assert list(SAMPLERS) == A1111_NAMES
+
+
+def test_a1111_options():
+    """Default schedules, discard flags and aliases as A1111 v1.10 declares them."""
+    defaults = {n: s.default_scheduler for n, s in SAMPLERS.items()}
+    assert defaults["DPM++ 2M"] == "karras" and defaults["DPM++ SDE"] == "karras"
+    assert defaults["DPM++ 2M SDE"] == "exponential" and defaults["DPM++ 2S a"] == "karras"
+    assert defaults["DPM2"] == defaults["DPM2 a"] == "karras"
+    assert defaults["Euler"] is defaults["Euler a"] is defaults["LMS"] is defaults["Heun"] is None
+    assert {n for n, s in SAMPLERS.items() if s.discard_next_to_last_sigma} == {"DPM2", "DPM2 a"}
+    assert {n for n, s in SAMPLERS.items() if s.brownian} == {"DPM++ SDE", "DPM++ 2M SDE"}
+    assert {n for n, s in SAMPLERS.items() if s.second_order} == {"DPM++ SDE", "DPM++ 2S a", "Heun", "DPM2", "DPM2 a"}
+    assert {n for n, s in SAMPLERS.items() if s.uses_noise} == {
+        "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2S a", "Euler a", "DPM2 a", "LCM"}
+    assert SAMPLERS["Euler a"].aliases == ("k_euler_a", "k_euler_ancestral")
+    assert SAMPLERS["DDIM"].aliases == ("ddim",) and SAMPLERS["LCM"].aliases == ("k_lcm",)
+
+
+@pytest.mark.parametrize("name,scheduler,want", [
+    ("Euler a", None, ("Euler a", "Automatic")),
+    ("euler A", "karras", ("Euler a", "Karras")),
+    ("k_dpmpp_2m", None, ("DPM++ 2M", "Automatic")),
+    ("k_euler_ancestral", "Exponential", ("Euler a", "Exponential")),
+    ("DPM++ 2M Karras", None, ("DPM++ 2M", "Automatic")),   # karras is DPM++ 2M's default -> Automatic
+    ("DPM++ 2M Karras", "Exponential", ("DPM++ 2M", "Automatic")),  # the name's suffix wins
+    ("DPM++ 2M SDE Exponential", None, ("DPM++ 2M SDE", "Automatic")),
+    ("DPM++ 2M SDE Karras", None, ("DPM++ 2M SDE", "Karras")),
+    ("DPM++ 2M", "karras", ("DPM++ 2M", "Automatic")),
+    ("DPM++ 2M", "Uniform", ("DPM++ 2M", "Uniform")),
+    ("LMS Karras", None, ("LMS", "Karras")),
+    ("Euler SGMUniform", None, ("Euler", "SGM Uniform")),
+    ("k_dpm_2_a_ka", None, ("DPM2 a", "Automatic")),
+    ("DDIM", None, ("DDIM", "Automatic")),
+    ("ddim", "sgm_uniform", ("DDIM", "SGM Uniform")),
+    (None, None, ("DPM++ 2M", "Automatic")),
+])
+def test_resolve_sampler(name, scheduler, want):
+    sampler, sched = resolve_sampler(name, scheduler)
+    assert (sampler.name, sched.label) == want
+
+
+def test_unknown_names_are_user_errors_listing_valid_ones():
+    with pytest.raises(UserError) as err:
+        resolve_sampler("Euler b")
+    assert "Euler b" in str(err.value) and "'DPM++ 2M'" in str(err.value) and err.value.field == "sampler_name"
+    with pytest.raises(UserError, match="Karras"):
+        resolve_sampler("Euler", "Karas")
+
+
+@pytest.mark.parametrize("name,scheduler,label", [
+    ("DPM++ 2M", None, "Karras"), ("DPM++ 2M SDE", None, "Exponential"), ("Euler", None, "Automatic"),
+    ("Euler", "karras", "Karras"), ("DPM2", "Uniform", "Uniform"), ("DDIM", None, "DDIM"),
+])
+def test_schedule_label_is_the_resolved_one(name, scheduler, label):
+    assert schedule_label(*resolve_sampler(name, scheduler)) == label
+    assert schedule_label(name, scheduler) == label
+
+
+def test_automatic_uses_the_sampler_default_or_the_model_uniform(sd_schedule):
+    auto = SCHEDULERS["automatic"]
+    lo, hi = sd_schedule.sigma_min, sd_schedule.sigma_max
+    torch.testing.assert_close(get_sigmas(SAMPLERS["DPM++ 2M"], auto, 12, sd_schedule), schedules.karras(12, lo, hi))
+    torch.testing.assert_close(get_sigmas(SAMPLERS["Euler"], auto, 12, sd_schedule),
+                               schedules.uniform(12, lo, hi, schedule=sd_schedule))
+    torch.testing.assert_close(get_sigmas(SAMPLERS["Euler"], SCHEDULERS["exponential"], 12, sd_schedule),
+                               schedules.exponential(12, lo, hi))
+    torch.testing.assert_close(get_sigmas(SAMPLERS["DDIM"], auto, 20, sd_schedule),
+                               schedules.ddim(20, lo, hi, schedule=sd_schedule))
+
+
+def test_dpm2_discards_the_next_to_last_sigma(sd_schedule):
+    """A1111: DPM2 builds steps+1 sigmas and drops the one before the final 0 -> still `steps` steps."""
+    got = get_sigmas(SAMPLERS["DPM2"], SCHEDULERS["automatic"], 10, sd_schedule)
+    full = schedules.karras(11, sd_schedule.sigma_min, sd_schedule.sigma_max)
+    assert len(got) == 11
+    torch.testing.assert_close(got, torch.cat([full[:-2], full[-1:]]))
+
+
+def test_steps_must_be_positive(sd_schedule):
+    with pytest.raises(UserError):
+        get_sigmas(SAMPLERS["Euler"], SCHEDULERS["automatic"], 0, sd_schedule)
+
+
+# --- every registered sampler, called the same way ------------------------------------------------------
+
+X0 = torch.tensor([0.7, -1.2, 0.3, 2.0]).view(1, 4, 1, 1).expand(2, 4, 2, 2).contiguous()
+
+
+def point_mass_model(schedule: DiscreteSchedule, prediction: str):
+    """The exact network for data that is the single point X0: eps = (x - X0) / sigma on the unscaled x, or
+    the matching v = alpha eps - sigma_vp X0 (alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma alpha)."""
+
+    def model(x_in, t):
+        s = schedule.t_to_sigma(t).view(-1, 1, 1, 1)
+        alpha = (1 + s**2).rsqrt()
+        eps = (x_in / alpha - X0) / s
+        return eps if prediction == "epsilon" else alpha * eps - s * alpha * X0
+
+    return model
+
+
+def _fn_or_skip(info):
+    try:
+        return info.fn
+    except ModuleNotFoundError as exc:  # the DPM++ / UniPC modules are written separately
+        pytest.skip(f"{info.name}: {exc}")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", A1111_NAMES)
+def test_every_sampler_lands_on_a_point_mass(name, prediction, sd_schedule):
+    """The ideal denoiser of a one-point data set returns X0 everywhere, so every sampler, deterministic or
+    not, must end exactly at X0; eps- and v-models built for that point must agree. The only error is the
+    sigma -> t -> sigma round trip inside the adapter. Tolerance 1e-4 absolute."""
+    info = SAMPLERS[name]
+    fn = _fn_or_skip(info)
+    den = make_denoiser(point_mass_model(sd_schedule, prediction), sd_schedule.alphas_cumprod, prediction)
+    sigmas = get_sigmas(info, SCHEDULERS["automatic"], 6, sd_schedule)
+    x = randn(X0.shape, generator(3)) * sigmas[0]
+    steps = []
+    out = fn(den, x, sigmas, extra=None, callback=steps.append, noise=generator_noise(generator(4)))
+    assert out.shape == X0.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out, X0, atol=1e-4, rtol=0)
+    assert [s["i"] for s in steps] == list(range(len(sigmas) - 1))
