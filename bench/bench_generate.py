@@ -26,7 +26,7 @@ from sdstack.models.bundle import ModelBundle  # noqa: E402
 from sdstack.models.tiny import tiny_bundle  # noqa: E402
 from sdstack.models.tokenizer import ClipTokenizer  # noqa: E402
 from sdstack.params import make_params  # noqa: E402
-from sdstack.engine.perf import prepare_for_inference  # noqa: E402
+from sdstack.engine.perf import set_inference_dtype  # noqa: E402
 
 PROMPT = "a red star on a blue background"
 
@@ -86,8 +86,8 @@ def bench(bundle: ModelBundle, size: int, steps: int, repeats: int) -> None:
 
     t_diff = timed(run_diffusers, repeats)
     t_ours = timed(lambda: generate(bundle, params), repeats)
-    with prepare_for_inference(bundle, torch.bfloat16, channels_last=True):
-        t_bf16 = timed(lambda: generate(bundle, params), repeats)
+    set_inference_dtype(bundle, torch.bfloat16, channels_last=True)  # last: the cast is one way
+    t_bf16 = timed(lambda: generate(bundle, params), repeats)
     print(f"{bundle.name} {size}x{size} {steps} steps DPM++ 2M Karras CFG 7 (threads={torch.get_num_threads()}):")
     print(f"  diffusers fp32   {t_diff:8.3f} s/img")
     print(f"  sdstack  fp32    {t_ours:8.3f} s/img   ratio sdstack/diffusers = {t_ours / t_diff:.3f}")

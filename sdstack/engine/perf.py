@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 
-@contextlib.contextmanager
-def prepare_for_inference(bundle, dtype: torch.dtype = torch.float32, channels_last: bool = False):
-    """Temporarily cast the networks to `dtype` (and the UNet/VAE to channels_last); restores afterwards."""
-    modules = [bundle.unet, bundle.vae, *bundle.text_encoders]
-    before = [next(m.parameters()).dtype for m in modules]
-    try:
-        for m in modules:
-            m.to(dtype)
-        if channels_last:
-            bundle.unet.to(memory_format=torch.channels_last)
-            bundle.vae.to(memory_format=torch.channels_last)
-        yield bundle
-    finally:
-        for m, d in zip(modules, before):
-            m.to(d)
-        if channels_last:
-            bundle.unet.to(memory_format=torch.contiguous_format)
-            bundle.vae.to(memory_format=torch.contiguous_format)
+def set_inference_dtype(bundle, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+    """Cast the networks to `dtype` (one way: casting back does not restore the lost bits) and optionally put
+    the UNet and VAE in channels_last memory format. Sampling math stays in float32 (see engine.guidance)."""
+    for m in [bundle.unet, bundle.vae, *bundle.text_encoders]:
+        m.to(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    bundle.unet.to(memory_format=fmt)
+    bundle.vae.to(memory_format=fmt)
+    return bundle
 
 
 def cpu_supports_bf16() -> bool:

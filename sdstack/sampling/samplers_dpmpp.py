@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 __all__ = [
-    "ancestral_step",
+    "ancestral_sigmas",
     "noise_drawer",
     "prepare_sampling",
     "report_step",
@@ -66,8 +66,9 @@ def noise_drawer(noise, sampler: str) -> NoiseDraw:
     return draw
 
 
-def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
-    """(sigma_down, sigma_up) of an ancestral step: ODE down to sigma_down, then add sigma_up noise."""
+def ancestral_sigmas(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step in Python floats (k-diffusion `get_ancestral_step`):
+    solve the ODE down to sigma_down, then add sigma_up noise; sigma_down^2 + sigma_up^2 = sigma_next^2."""
     if not eta:
         return sigma_next, 0.0
     up = min(sigma_next, eta * math.sqrt(max(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2, 0.0)))
@@ -80,7 +81,8 @@ def prepare_sampling(x: torch.Tensor, sigmas: torch.Tensor, extra):
     if sigmas.ndim != 1:
         raise ValueError(f"sigmas must be a 1-D tensor, got shape {tuple(sigmas.shape)}")
     sigmas = sigmas.to(x.device)
-    return sigmas, [float(s) for s in sigmas.tolist()], x.new_ones([x.shape[0]]), (extra or {})
+    s_in = x.new_ones([x.shape[0]], dtype=torch.promote_types(x.dtype, torch.float32))  # sigma never in fp16
+    return sigmas, [float(s) for s in sigmas.tolist()], s_in, (extra or {})
 
 
 def report_step(callback, i: int, x, sigma, denoised) -> None:
@@ -163,13 +165,13 @@ def sample_dpmpp_sde(
             continue
         # Stage 1: from sigma to the intermediate sigma_s = sigma^(1-r) * sigma_next^r (t_s = t + r*h).
         sigma_s = math.exp((1 - r) * math.log(sig[i]) + r * math.log(sig[i + 1]))
-        down, up = ancestral_step(sig[i], sigma_s, eta)
+        down, up = ancestral_sigmas(sig[i], sigma_s, eta)
         x_2 = (down / sig[i]) * x + (1 - down / sig[i]) * denoised
         if draw is not None:
             x_2 = x_2 + draw(x, sigmas[i], sigmas.new_tensor(sigma_s)) * (s_noise * up)
         denoised_2 = denoiser(x_2, sigma_s * s_in, **extra)
         # Stage 2: from sigma to sigma_next with the blended x0 prediction.
-        down, up = ancestral_step(sig[i], sig[i + 1], eta)
+        down, up = ancestral_sigmas(sig[i], sig[i + 1], eta)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (down / sig[i]) * x + (1 - down / sig[i]) * denoised_d
         if draw is not None:
@@ -185,7 +187,7 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra=None, callback=None,
     for i in range(len(sig) - 1):
         denoised = denoiser(x, sigmas[i] * s_in, **extra)
         report_step(callback, i, x, sigmas[i], denoised)
-        down, up = ancestral_step(sig[i], sig[i + 1], eta)
+        down, up = ancestral_sigmas(sig[i], sig[i + 1], eta)
         if down == 0:
             x = denoised  # Euler step to sigma_down=0
         else:

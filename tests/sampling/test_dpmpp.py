@@ -17,7 +17,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler
 
 from sdstack.sampling.samplers_dpmpp import (
-    ancestral_step,
+    ancestral_sigmas,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
     sample_dpmpp_2s_ancestral,
@@ -237,11 +237,11 @@ def test_dpmpp_2s_ancestral_matches_hand_reference():
 
 
 def test_ancestral_step_by_hand():
-    down, up = ancestral_step(2.0, 1.0)
+    down, up = ancestral_sigmas(2.0, 1.0)
     assert up == pytest.approx(math.sqrt(1.0 * (4.0 - 1.0) / 4.0))  # sqrt(3)/2
     assert down == pytest.approx(0.5)  # sqrt(1 - 3/4)
-    assert ancestral_step(2.0, 1.0, eta=0.0) == (1.0, 0.0)
-    assert ancestral_step(2.0, 0.0) == (0.0, 0.0)
+    assert ancestral_sigmas(2.0, 1.0, eta=0.0) == (1.0, 0.0)
+    assert ancestral_sigmas(2.0, 0.0) == (0.0, 0.0)
 
 
 # --- properties ---------------------------------------------------------------------------------
