@@ -39,7 +39,7 @@ class Param:
     multiple_of: int | None = None
     choices: Callable[[], list[str]] | None = None
     group: str = "core"
-    api_default: Any = dataclasses.MISSING  # where A1111's API default differs from ours (e.g. steps=50)
+    api_default: Any = None  # where A1111's API default differs from ours (e.g. steps=50); None = same
 
 
 PARAMS: tuple[Param, ...] = (

@@ -29,5 +29,8 @@ def test_unknown_parameter():
 
 
 def test_old_combined_sampler_names_resolve():
-    p = make_params(prompt="x", sampler_name="DPM++ 2M Karras")
-    assert (p.sampler_name, p.scheduler) == ("DPM++ 2M", "Karras")
+    p = make_params(prompt="x", sampler_name="DPM++ 2M Exponential")
+    assert (p.sampler_name, p.scheduler) == ("DPM++ 2M", "Exponential")
+    # A1111: a scheduler equal to the sampler's default is stored as "Automatic"
+    p = make_params(prompt="x", sampler_name="k_dpmpp_2m_ka")
+    assert (p.sampler_name, p.scheduler) == ("DPM++ 2M", "Automatic")

@@ -46,7 +46,7 @@ RELATION_WORDS = {
     "below": ("below", "under", "beneath"),
 }
 BACKGROUND_WORDS = ("on {} background", "against {} background", "with {} background", "over {} background")
-PREFIXES = ("", "a picture of ", "an image of ", "a drawing of ", "a simple drawing of ")
+PREFIXES = ("a picture of ", "an image of ", "a drawing of ", "a simple drawing of ")
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def _pick(rng: random.Random | None, options):
     return options[0] if rng is None else rng.choice(options)
 
 
-def object_phrase(o: ObjectSpec, rng: random.Random | None = None, *, with_place: bool = True) -> str:
+def object_phrase(o: ObjectSpec, rng: random.Random | None = None) -> str:
     """'a small red circle on the left', 'three blue squares'."""
     words = [_pick(rng, COUNT_WORDS[o.count])]
     if o.size:
@@ -132,7 +132,7 @@ def object_phrase(o: ObjectSpec, rng: random.Random | None = None, *, with_place
     words.append(_pick(rng, SHAPE_WORDS[o.shape])[0 if o.count == 1 else 1])
     if words[0] == "a" and words[1][0] in "aeiou":
         words[0] = "an"
-    if with_place and o.place:
+    if o.place:
         words.append(_pick(rng, PLACE_WORDS[o.place]))
     return " ".join(words)
 
@@ -159,7 +159,7 @@ def _there(spec: PromptSpec, rng, body: str) -> str:
 
 TEMPLATES = {
     "plain": lambda spec, rng, body: body,
-    "prefix": lambda spec, rng, body: _pick(rng, PREFIXES[1:]) + body,
+    "prefix": lambda spec, rng, body: _pick(rng, PREFIXES) + body,
     "there": _there,
 }
 
@@ -207,7 +207,7 @@ _OBJECT_RE = (rf"(?P<count{{n}}>{_alternation(_COUNT_OF)}) (?:(?P<size{{n}}>{_al
 _BACKGROUND_RE = re.compile(
     "(?P<head>.*?) (?:" + "|".join(w.format(rf"an? (?P<bg{i}>{_alternation(_COLOUR_OF)})")
                                    for i, w in enumerate(BACKGROUND_WORDS)) + ")$")
-_PREFIX_RE = re.compile(rf"^(?:{_alternation([p.strip() for p in PREFIXES if p])}|there is|there are) ")
+_PREFIX_RE = re.compile(rf"^(?:{_alternation([p.strip() for p in PREFIXES])}|there is|there are) ")
 _LIST_SPLIT_RE = re.compile(r", and |, | and ")
 _RELATION_RE = re.compile(f"^{_OBJECT_RE.format(n=0)} (?P<rel>{_alternation(_RELATION_OF)}) {_OBJECT_RE.format(n=1)}$")
 _SINGLE_RE = re.compile(f"^{_OBJECT_RE.format(n=0)}$")

@@ -47,8 +47,8 @@ SUPERSAMPLE = 4
 
 # ---- Geometry rules, shared by the generator and the oracle (normalised coordinates; see module docstring). ----
 # An object's centre is the centre of its bounding box; its radius is half the larger side of that box.
-SIZE_RADIUS = {"small": (0.10, 0.12), "large": (0.17, 0.21)}  # what the generator draws
-SIZE_THRESHOLD = 0.145  # rule: radius < 0.145 -> "small", else "large"
+SIZE_RADIUS = {"small": (0.11, 0.13), "large": (0.18, 0.22)}  # what the generator draws
+SIZE_THRESHOLD = 0.155  # rule: radius < 0.155 -> "small", else "large"
 PLACE_LIMIT = 0.4  # rule: "left" = cx < 0.4, "right" = cx > 0.6, "top" = cy < 0.4, "bottom" = cy > 0.6
 CENTRE_LIMIT = 0.15  # rule: "centre" = |cx - 0.5| < 0.15 and |cy - 0.5| < 0.15
 RELATION_MARGIN = 0.1  # rule: "A left of B" = cx_B - cx_A > 0.1; "A above B" = cy_B - cy_A > 0.1
@@ -123,6 +123,7 @@ def shape_polygon(shape: str) -> np.ndarray:
     return p
 
 
+@lru_cache(maxsize=None)
 def shape_extent(shape: str) -> tuple[float, float]:
     """Half width and half height of the shape's box, for radius 1."""
     p = shape_polygon(shape)
@@ -207,26 +208,32 @@ def _relation_clear(a: SceneObject, b: SceneObject, rel: str) -> bool:
     return along >= 0.25 and abs(across) <= 0.15
 
 
-def _cell_range(cell: int | None, axis: int, r_half: float) -> tuple[float, float]:
-    if cell is None:
-        return 0.0, 1.0
-    low_half = (cell >> axis) & 1 == 0
-    return (0.0, 0.5 - GAP / 2 - r_half) if low_half else (0.5 + GAP / 2 + r_half, 1.0)
+def _centre_bounds(shape: str, r: float, place: str | None, quadrant: int | None) -> list[tuple[float, float]]:
+    """Allowed (lo, hi) of the centre's x and y: inside the border, in `place`, and in `quadrant` (0..3) if given."""
+    bounds = []
+    for axis, half in enumerate(shape_extent(shape)):
+        lo, hi = _centre_range(place, axis, half * r)
+        if quadrant is not None:
+            if (quadrant >> axis) & 1:
+                lo = max(lo, 0.5 + GAP / 2 + half * r)
+            else:
+                hi = min(hi, 0.5 - GAP / 2 - half * r)
+        bounds.append((lo, hi))
+    return bounds
 
 
-def _place_objects(items: list[tuple[str, str, str | None, str | None]], relation: Relation | None,
-                   rng: random.Random, tries: int = 300, grid: bool = False) -> tuple[SceneObject, ...] | None:
-    """Rejection sampling; with `grid`, each object keeps to its own quadrant (for crowded scenes)."""
+def _place_objects(items: list[tuple[str, str, str, str | None]], relation: Relation | None,
+                   rng: random.Random, tries: int = 200, grid: bool = False) -> tuple[SceneObject, ...] | None:
+    """Rejection sampling of (shape, colour, size, place) items; with `grid`, one quadrant each (crowded scenes)."""
     for _ in range(tries):
-        cells = rng.sample(range(4), len(items)) if grid else [None] * len(items)
+        quadrants = rng.sample(range(4), len(items)) if grid else [None] * len(items)
         placed: list[SceneObject] = []
-        for (shape, colour, size, place), cell in zip(items, cells):
+        for (shape, colour, size, place), quadrant in zip(items, quadrants):
             r = rng.uniform(*SIZE_RADIUS[size])
-            ranges = [(max(lo, clo), min(hi, chi)) for axis, half in enumerate(shape_extent(shape))
-                      for (lo, hi), (clo, chi) in [(_centre_range(place, axis, half * r), _cell_range(cell, axis, half * r))]]
-            if any(lo > hi for lo, hi in ranges):
+            (xlo, xhi), (ylo, yhi) = _centre_bounds(shape, r, place, quadrant)
+            if xlo > xhi or ylo > yhi:
                 break
-            obj = SceneObject(shape, colour, (rng.uniform(*ranges[0]), rng.uniform(*ranges[1])), r)
+            obj = SceneObject(shape, colour, (rng.uniform(xlo, xhi), rng.uniform(ylo, yhi)), r)
             if not all(_boxes_apart(obj, other) for other in placed):
                 break
             placed.append(obj)
@@ -249,7 +256,7 @@ def scene_from_prompt(spec: PromptSpec, rng: random.Random, background: str | No
                 # unstated sizes lean small as the attempts fail, so crowded scenes still fit
                 size = o.size or ("small" if rng.random() < 0.5 + attempt * 0.1 else "large")
                 items.append((o.shape, o.colour, size, o.place))
-        objects = _place_objects(items, spec.relation, rng, grid=attempt % 2 == 1)
+        objects = _place_objects(items, spec.relation, rng, grid=attempt % 2 == 1 or len(items) == MAX_OBJECTS)
         if objects is not None:
             return Scene(bg, objects)
     raise RuntimeError(f"could not lay out {spec.text or spec!r}")
@@ -269,6 +276,18 @@ def _maybe(rng: random.Random, p: float, options):
     return rng.choice(options) if rng.random() < p else None
 
 
+def _counts(kind: str, rng: random.Random) -> list[int]:
+    """How many objects each group of a prompt of this kind has."""
+    if kind == "counting":
+        return [rng.randint(2, MAX_OBJECTS)]
+    if kind in ("relation", "two"):
+        return [1, 1]
+    counts = [1] * rng.choice((2, 3, 3, 4))  # "list": 2 to 4 groups, some of them plural, 4 objects at most
+    for _ in range(rng.randint(0, MAX_OBJECTS - len(counts))):
+        counts[rng.randrange(len(counts))] += 1
+    return counts
+
+
 def random_spec(rng: random.Random, split: str = "train", kind: str | None = None) -> PromptSpec:
     """Random claims of one of the KIND_WEIGHTS kinds; train never uses HELDOUT_PAIRS, heldout always does."""
     kind = kind or rng.choices(tuple(KIND_WEIGHTS), weights=tuple(KIND_WEIGHTS.values()))[0]
@@ -276,23 +295,16 @@ def random_spec(rng: random.Random, split: str = "train", kind: str | None = Non
     if kind == "single":
         c, s = rng.choice(pool)
         objects = [ObjectSpec(s, c, 1, _maybe(rng, 0.5, SIZES), _maybe(rng, 0.4, PLACES))]
-        relation = None
     else:
-        n_groups = {"relation": 2, "two": 2, "counting": 1, "list": rng.choice((2, 3, 3, 4))}[kind]
-        counts = [1] * n_groups
-        if kind == "counting":
-            counts = [rng.randint(2, MAX_OBJECTS)]
-        elif kind == "list":
-            for _ in range(rng.randint(0, MAX_OBJECTS - n_groups)):
-                counts[rng.randrange(n_groups)] += 1
-        chosen = [rng.choice(pool)]
-        while len(chosen) < n_groups:
+        counts = _counts(kind, rng)
+        chosen = [rng.choice(pool)]  # in the heldout split, one held-out pair among training pairs
+        while len(chosen) < len(counts):
             pair = rng.choice(other)
             if pair not in chosen:
                 chosen.append(pair)
         rng.shuffle(chosen)
         objects = [ObjectSpec(s, c, n, _maybe(rng, 0.3, SIZES)) for (c, s), n in zip(chosen, counts)]
-        relation = Relation(0, rng.choice(RELATIONS), 1) if kind == "relation" else None
+    relation = Relation(0, rng.choice(RELATIONS), 1) if kind == "relation" else None
     colours = {o.colour for o in objects}
     background = _maybe(rng, 0.4, [c for c in COLOURS if c not in colours])
     return PromptSpec(tuple(objects), relation, background)

@@ -27,7 +27,8 @@ class JobNetworks:
     def lora_hashes(self) -> str | None:
         if not self.loras:
             return None
-        return ", ".join(f"{lf.name}: {lf.addnet_hash[:12]}" for lf, _, _ in self.loras)
+        # A1111: the name as written, with ':' and ',' removed, and the file's short hash
+        return ", ".join(f"{lf.name.replace(':', '').replace(',', '')}: {lf.shorthash}" for lf, _, _ in self.loras)
 
 
 def prepare_extra_networks(prompt: str, negative: str, lora_dir, hash_cache=None):
@@ -35,12 +36,12 @@ def prepare_extra_networks(prompt: str, negative: str, lora_dir, hash_cache=None
     prompt, calls = parse_extra_networks(prompt)
     negative, neg_calls = parse_extra_networks(negative)
     nets = JobNetworks()
-    lora_calls = [c for c in calls + neg_calls if c.name in LORA_NAMES]
+    lora_calls = [c for c in calls + neg_calls if c.kind in LORA_NAMES]
     if lora_calls:
-        from ..models.lora import LoraLibrary, read_lora
+        from ..models.lora import LoraLibrary
 
-        library = LoraLibrary(lora_dir)
+        library = LoraLibrary(lora_dir, hash_cache=hash_cache)
         for call in lora_calls:
             name, te, unet = lora_weights(call)
-            nets.loras.append((read_lora(library.get(name)), te, unet))
+            nets.loras.append((library.load(name), te, unet))
     return prompt, negative, nets

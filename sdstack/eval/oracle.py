@@ -375,7 +375,8 @@ def claim_kind(name: str) -> str:
     return name.split(":")[0]
 
 
-def _prompt_images(images_by_prompt, prompts) -> list[list]:
+def images_per_prompt(images_by_prompt, prompts) -> list[list]:
+    """One list of images per prompt, in prompt order, from {prompt id: images} or an aligned list."""
     if isinstance(images_by_prompt, Mapping):
         missing = [p.id for p in prompts if p.id not in images_by_prompt]
         if missing:
@@ -395,7 +396,7 @@ def evaluate(images_by_prompt, suite) -> dict:
     """
     prompts = list(suite.prompts)
     rows = []
-    for spec, images in zip(prompts, _prompt_images(images_by_prompt, prompts)):
+    for spec, images in zip(prompts, images_per_prompt(images_by_prompt, prompts)):
         for seed, image in enumerate(images):
             claims = score(image, spec)
             rows.append({"id": spec.id, "prompt": spec.text, "seed": seed, "all_correct": claims.pop("all_correct"),

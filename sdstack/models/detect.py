@@ -26,6 +26,7 @@ SD2_QKV = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
 SD1_TOK = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 SD1_TOK_OLD = "cond_stage_model.transformer.embeddings.token_embedding.weight"
 UNET_CROSS_LDM = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+UNET_CROSS = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Signature:
     shapes: tuple[Shape, ...] = ()
     supported: bool = True
     note: str = ""
+    forbids: tuple[str, ...] = ()  # key prefixes that must be absent
 
 
 def _in(n: int) -> Shape:
@@ -57,7 +59,9 @@ _SDXL = (Shape(SDXL_G, 0, 1280, True),)
 _SD2 = (Shape(SD2_QKV, 1, 1024, True),)
 _SD1 = (Shape(SD1_TOK, 1, 768, True),)
 _LDM_ONLY = "LDM UNet without text encoder or VAE; load it as part of a full checkpoint"
+_OTHER_PARTS = ("cond_stage_model.", "conditioner.", "first_stage_model.")
 _VAE_NOTE = "a VAE on its own; select it as the VAE of a checkpoint"
+_UNET_NOTE = "a diffusers-format UNet on its own; load the whole diffusers folder instead"
 
 # Priority order: the first signature whose keys are all present and whose shape checks hold wins.
 SIGNATURES: tuple[Signature, ...] = (
@@ -75,21 +79,22 @@ SIGNATURES: tuple[Signature, ...] = (
               note="instruct-pix2pix checkpoints (8 input channels) are not supported yet"),
     Signature("sd1", "base", "ldm", (SD1_TOK, UNET_IN), _SD1 + (_in(4),)),
     Signature("sd1", "base", "ldm", (SD1_TOK_OLD, UNET_IN), (Shape(SD1_TOK_OLD, 1, 768, True), _in(4))),
-    Signature("sd2", "unet", "ldm", (UNET_CROSS_LDM,), (Shape(UNET_CROSS_LDM, 1, 1024, True),), False, _LDM_ONLY),
-    Signature("sd1", "unet", "ldm", (UNET_CROSS_LDM,), (Shape(UNET_CROSS_LDM, 1, 768, True),), False, _LDM_ONLY),
-    Signature(None, "vae", "ldm", ("encoder.conv_in.weight", "decoder.up.0.block.0.conv1.weight"), (), False, _VAE_NOTE),
+    Signature("sd2", "unet", "ldm", (UNET_CROSS_LDM,), (Shape(UNET_CROSS_LDM, 1, 1024, True),), False, _LDM_ONLY,
+              _OTHER_PARTS),
+    Signature("sd1", "unet", "ldm", (UNET_CROSS_LDM,), (Shape(UNET_CROSS_LDM, 1, 768, True),), False, _LDM_ONLY,
+              _OTHER_PARTS),
+    Signature(None, "vae", "ldm", ("encoder.conv_in.weight", "decoder.up.0.block.0.conv1.weight"),
+              (), False, _VAE_NOTE),
     Signature(None, "vae", "ldm", ("first_stage_model.encoder.conv_in.weight",
-                                   "first_stage_model.decoder.up.0.block.0.conv1.weight"), (), False, _VAE_NOTE),
+                                   "first_stage_model.decoder.up.0.block.0.conv1.weight"), (), False, _VAE_NOTE,
+              ("model.diffusion_model.", "cond_stage_model.", "conditioner.")),
     Signature(None, "vae", "diffusers", ("encoder.conv_in.weight", "decoder.up_blocks.0.resnets.0.conv1.weight"),
               (), False, _VAE_NOTE),
-    Signature("sdxl", "unet", "diffusers", ("conv_in.weight", "add_embedding.linear_1.weight"), (), False,
-              "a diffusers-format UNet on its own; load the whole diffusers folder instead"),
-    Signature("sd2", "unet", "diffusers", ("conv_in.weight", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
-              (Shape("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", 1, 1024, True),), False,
-              "a diffusers-format UNet on its own; load the whole diffusers folder instead"),
-    Signature("sd1", "unet", "diffusers", ("conv_in.weight", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
-              (Shape("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", 1, 768, True),), False,
-              "a diffusers-format UNet on its own; load the whole diffusers folder instead"),
+    Signature("sdxl", "unet", "diffusers", ("conv_in.weight", "add_embedding.linear_1.weight"), (), False, _UNET_NOTE),
+    Signature("sd2", "unet", "diffusers", ("conv_in.weight", UNET_CROSS), (Shape(UNET_CROSS, 1, 1024, True),), False,
+              _UNET_NOTE),
+    Signature("sd1", "unet", "diffusers", ("conv_in.weight", UNET_CROSS), (Shape(UNET_CROSS, 1, 768, True),), False,
+              _UNET_NOTE),
 )
 
 
@@ -119,6 +124,8 @@ def _shapes(keys_and_shapes: Mapping) -> dict[str, tuple[int, ...]]:
 
 def _matches(sig: Signature, shapes: Mapping[str, tuple[int, ...]], check_widths: bool) -> bool:
     if not all(k in shapes for k in sig.requires):
+        return False
+    if sig.forbids and any(k.startswith(sig.forbids) for k in shapes):
         return False
     for s in sig.shapes:
         if s.family and not check_widths:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointKeyError, UnsafeCheckpointError, UserError
+from ..errors import UnsafeCheckpointError, UserError
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -86,28 +86,3 @@ def _torch_load_safely(p: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise UserError(f"{p}: not a state dict (found {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def describe_keys(keys: list[str], limit: int = 8) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def load_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    """Load weights; any missing/unexpected key or shape mismatch is an error naming the keys."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {describe_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {describe_keys(unexpected)}")
-        raise CheckpointKeyError(f"{what}: weights do not match the architecture; " + "; ".join(parts))
-    bad = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-           if tuple(state_dict[k].shape) != tuple(v.shape)]
-    if bad:
-        raise CheckpointKeyError(f"{what}: shape mismatch (file vs architecture): {describe_keys(bad, 4)}")
-    module.load_state_dict(state_dict, strict=True, assign=True)

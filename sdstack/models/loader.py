@@ -7,7 +7,6 @@ carried in the file for sdstack's own) on the meta device, then filled strictly 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ import torch
 from ..errors import UserError
 from .bundle import ModelBundle
 from .hashing import HashCache, tree_sha256
-from .io import load_strict, read_state_dict
+from .io import read_state_dict
 from .tokenizer import ClipTokenizer
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -24,24 +23,28 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def _empty(build):
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=False):
         return build()
+
+
+def _fill(module: torch.nn.Module, sd: dict, label: str) -> torch.nn.Module:
+    from .convert import load_into
+    from .single_file import prepare_weights
+
+    load_into(module, prepare_weights(sd, torch.float32), label, assign=True)
+    return module
 
 
 def build_unet(config: dict, sd: dict) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    m = _empty(lambda: UNet2DConditionModel.from_config(config))
-    load_strict(m, sd, "UNet")
-    return m
+    return _fill(_empty(lambda: UNet2DConditionModel.from_config(config)), sd, "unet")
 
 
 def build_vae(config: dict, sd: dict) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
-    m = _empty(lambda: AutoencoderKL.from_config(config))
-    load_strict(m, sd, "VAE")
-    return m
+    return _fill(_empty(lambda: AutoencoderKL.from_config(config)), sd, "vae")
 
 
 def build_text_encoder(config: dict, sd: dict, with_projection: bool) -> torch.nn.Module:
@@ -49,11 +52,7 @@ def build_text_encoder(config: dict, sd: dict, with_projection: bool) -> torch.n
 
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     cfg = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"})
-    m = _empty(lambda: cls(cfg))
-    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
-    load_strict(m, {**sd, **{k: v for k, v in m.state_dict().items() if k.endswith("position_ids")}},
-                f"text encoder ({cls.__name__})")
-    return m
+    return _fill(_empty(lambda: cls(cfg)), sd, f"text encoder ({cls.__name__})")
 
 
 def _tokenizers(family: str) -> list[ClipTokenizer]:
@@ -105,40 +104,13 @@ def _load_diffusers_folder(root: Path) -> ModelBundle:
                        prediction_type=schedule.get("prediction_type", "epsilon"), schedule=schedule)
 
 
-def _yaml_prediction(path: Path) -> str | None:
-    y = path.with_suffix(".yaml")
-    if y.is_file() and re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", y.read_text(), re.M):
-        return "v_prediction"
-    return None
-
-
-def _load_single_file(path: Path) -> ModelBundle:
-    from .detect import guess_v_prediction
-    from .single_file import read_single_file_components
-
-    sd, meta = read_state_dict(path)
-    detected, configs, parts = read_single_file_components(sd, meta)
-    del sd
-    family = detected.family
-    unet = build_unet(configs["unet"], parts["unet"])
-    vae = build_vae(configs["vae"], parts["vae"])
-    encoders = [build_text_encoder(c, s, i == 1 and family == "sdxl")
-                for i, (c, s) in enumerate(zip(configs["text_encoders"], parts["text_encoders"]))]
-    schedule = dict(configs.get("scheduler") or {})
-    prediction = _yaml_prediction(path) or schedule.get("prediction_type")
-    if prediction is None and family == "sd2":
-        prediction = "v_prediction" if guess_v_prediction(unet) else "epsilon"
-    bundle = ModelBundle(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=_tokenizers(family),
-                         prediction_type=prediction or "epsilon", schedule=schedule)
-    return bundle
-
-
 def load_vae_file(path: str | Path, like: torch.nn.Module) -> torch.nn.Module:
     """A separate VAE (A1111 `models/VAE` file, LDM or diffusers keys) built like the model's own VAE."""
-    from .convert.vae import vae_state_dict_to_diffusers
+    from .convert import vae_to_diffusers
 
     sd, _ = read_state_dict(path)
-    converted = vae_state_dict_to_diffusers(sd, dict(like.config))
+    diffusers_named = any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd)
+    converted = sd if diffusers_named else vae_to_diffusers(sd, dict(like.config))
     vae = build_vae(dict(like.config), converted)
     p = next(like.parameters())
     return vae.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
@@ -161,7 +133,9 @@ def load_model(path: str | Path, *, vae: str | Path | None = None, prediction_ty
         bundle.sha256 = tree_sha256(p)
         bundle.name = p.name
     else:
-        bundle = _load_single_file(p)
+        from .single_file import load_single_file
+
+        bundle = load_single_file(p)
         bundle.sha256 = (hash_cache or HashCache(None)).sha256(p)
         bundle.name = p.stem
     bundle.path = p

@@ -13,7 +13,6 @@ Scale per module (A1111 `calc_scale`): alpha / rank, alpha defaulting to rank; a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -23,7 +22,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..errors import UnsafeCheckpointError, UserError, unknown_name
+from ..errors import UserError, unknown_name
+from .hashing import HashCache
+from .io import read_safetensors_metadata, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ _ROLE_SUFFIXES = (
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # old attention-processor format
-    (".alpha", "alpha"),
+    (".alpha", "alpha"), (".dora_scale", "dora"),
 )
 _UNET_BLOCK_STARTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
 _OLD_PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -46,71 +47,14 @@ _OLD_PROCESSOR_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_o
 # ---------------------------------------------------------------------------------------------- files and hashes
 
 
-def read_safetensors_header(path: str | Path) -> tuple[int, dict]:
-    """(header length n, parsed JSON header) of a .safetensors file; tensor data starts at byte 8 + n."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise UserError(f"{Path(path).name}: not a safetensors file (too short)")
-        n = int.from_bytes(raw, "little")
-        try:
-            return n, json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{Path(path).name}: not a safetensors file ({e.__class__.__name__})") from None
-
-
-def read_safetensors_metadata(path: str | Path, *, parse_json: bool = False) -> dict:
-    """The `__metadata__` dict of a .safetensors file; with parse_json, string values that look like JSON
-    objects are decoded (as A1111's `read_metadata_from_safetensors` does for the API)."""
-    meta = dict(read_safetensors_header(path)[1].get("__metadata__") or {})
-    if parse_json:
-        for k, v in meta.items():
-            if isinstance(v, str) and v.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    meta[k] = json.loads(v)
-    return meta
-
-
-def file_hashes(path: str | Path) -> tuple[str, str]:
-    """(sha256 of the whole file, kohya/A1111 "addnet" hash) in one pass.
-
-    The addnet hash is the sha256 of the bytes after the safetensors header; for other files it equals the
-    full-file sha256 (A1111 only uses the addnet hash for .safetensors)."""
-    full, addnet = hashlib.sha256(), hashlib.sha256()
-    is_st = Path(path).suffix.lower() == ".safetensors"
-    with open(path, "rb") as f:
-        if is_st:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            full.update(head)
-            full.update(f.read(n))
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            full.update(chunk)
-            addnet.update(chunk)
-    return full.hexdigest(), (addnet.hexdigest() if is_st else full.hexdigest())
-
-
-def load_tensor_file(path: str | Path) -> tuple[dict, dict[str, str]]:
-    """(state dict, safetensors metadata) of a .safetensors file, or of a pickle via torch.load(weights_only=True)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"file not found: {p}")
-    if p.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p), device="cpu"), read_safetensors_metadata(p)
-    try:
-        data = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - the unpickler raises several types
-        raise UnsafeCheckpointError(
-            f"{p.name}: refused to load; it is not a plain tensor file and would need arbitrary code to unpickle "
-            f"({str(e).splitlines()[0][:200]}). Convert it to .safetensors."
-        ) from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise UserError(f"{p.name}: expected a dict of tensors, found {type(data).__name__}")
-    return data, {}
+def _json_values(meta: dict) -> dict:
+    """Metadata with string values that look like JSON objects decoded, as A1111's API shows them."""
+    out = dict(meta)
+    for k, v in out.items():
+        if isinstance(v, str) and v.startswith("{"):
+            with contextlib.suppress(ValueError):
+                out[k] = json.loads(v)
+    return out
 
 
 @dataclass
@@ -138,12 +82,15 @@ class LoraFile:
         return str(self.metadata.get("ss_output_name") or self.name)
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read a LoRA file (.safetensors, or .pt/.ckpt through the weights-only unpickler) and hash it."""
+def read_lora(path: str | Path, hash_cache: HashCache | None = None) -> LoraFile:
+    """Read a LoRA file (.safetensors, or .pt/.ckpt through the weights-only unpickler) and hash it.
+
+    The addnet hash covers the bytes after the safetensors header; for pickles A1111 uses the full sha256."""
     p = Path(path)
-    tensors, meta = load_tensor_file(p)
-    tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-    full, addnet = file_hashes(p)
+    tensors, meta = read_state_dict(p)
+    cache = hash_cache or HashCache(None)
+    full = cache.sha256(p)
+    addnet = cache.sha256(p, "addnet") if p.suffix.lower() == ".safetensors" else full
     return LoraFile(name=p.stem, tensors=tensors, metadata=meta, hash_sha256=full, addnet_hash=addnet, path=p)
 
 
@@ -167,17 +114,23 @@ class LoraModule:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self, weight_shape: torch.Size) -> torch.Tensor:
-        """up @ down (or the CP rebuild with mid) in float32, reshaped to the target weight's shape; no scale."""
-        up = self.up.float().reshape(self.up.shape[0], -1)
-        down = self.down.float().reshape(self.down.shape[0], -1)
+    def fits(self, weight_shape: torch.Size) -> bool:
+        """Whether up @ down has the target weight's number of elements (without computing it)."""
+        n = self.up.shape[0] * self.down[0].numel()
         if self.mid is not None:
-            mid = self.mid.float()
-            d = torch.einsum("nmkl,in,mj->ijkl", mid, up, down)
+            n = self.up.shape[0] * self.down.shape[1] * self.mid[0, 0].numel()
+        return n == torch.Size(weight_shape).numel()
+
+    def delta(self, weight_shape: torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
+        """up @ down (or the CP rebuild with mid) in float32 on `device`, shaped like the target weight; no scale."""
+        if not self.fits(weight_shape):
+            raise ValueError(f"LoRA {self.key}: update does not fit weight {tuple(weight_shape)}")
+        up = self.up.to(device, torch.float32).reshape(self.up.shape[0], -1)
+        down = self.down.to(device, torch.float32).reshape(self.down.shape[0], -1)
+        if self.mid is not None:
+            d = torch.einsum("nmkl,in,mj->ijkl", self.mid.to(device, torch.float32), up, down)
         else:
             d = up @ down
-        if d.numel() != torch.Size(weight_shape).numel():
-            raise ValueError(f"delta {tuple(d.shape)} does not fit weight {tuple(weight_shape)}")
         return d.reshape(weight_shape)
 
 
@@ -192,13 +145,16 @@ class LoraMatch:
 
 def ldm_unet_module_names(unet: torch.nn.Module) -> dict[str, str]:
     """{diffusers UNet module path: LDM (SAI/compvis) module path}, for kohya SDXL names like
-    `input_blocks_4_1_transformer_blocks_0_attn1_to_q`. Empty until `sdstack.models.convert.unet` provides a map."""
+    `input_blocks_4_1_transformer_blocks_0_attn1_to_q`; from the checkpoint key map. Empty for a UNet
+    config the LDM map does not cover."""
+    from .convert.unet import unet_keymap
+
     try:
-        from .convert import unet as convert_unet  # type: ignore[attr-defined]
-    except ImportError:
+        keymap = unet_keymap(dict(unet.config))
+    except (ValueError, KeyError, AttributeError):
         return {}
-    fn = getattr(convert_unet, "diffusers_to_ldm_module_names", None)
-    return dict(fn(unet)) if fn is not None else {}
+    return {r.diffusers[0][: -len(".weight")]: r.ldm[: -len(".weight")]
+            for r in keymap.rules if len(r.diffusers) == 1 and r.ldm.endswith(".weight")}
 
 
 def _components(bundle) -> list[tuple[str, torch.nn.Module, tuple[str, ...]]]:
@@ -324,15 +280,13 @@ def match_lora(lora: LoraFile, bundle) -> LoraMatch:
     match = LoraMatch(name=lora.name, unmatched=list(unknown))
     for prefix, parts in groups.items():
         found = targets.resolve(prefix)
-        if found is None or "down" not in parts or "up" not in parts:
+        if found is None or "down" not in parts or "up" not in parts or "dora" in parts:  # DoRA: not supported
             match.unmatched.extend(f"{prefix}{_suffix_of(role)}" for role in parts)
             continue
         comp, path = found
         mod = _make_module(lora, comp, path, prefix, parts)
         weight = targets.modules[comp][path].weight
-        try:
-            mod.delta(weight.shape)
-        except (ValueError, RuntimeError):
+        if not mod.fits(weight.shape):
             match.unmatched.append(f"{prefix} (shape does not fit {comp}.{path} {tuple(weight.shape)})")
             continue
         match.modules.append(mod)
@@ -355,8 +309,8 @@ def _make_module(lora: LoraFile, comp: str, path: str, prefix: str, parts: dict[
 def _warn_unmatched(match: LoraMatch) -> None:
     if not match.unmatched:
         return
-    lyco = [k for k in match.unmatched if "hada_" in k or "lokr_" in k]
-    kind = " (LoHa/LoKr modules are not supported)" if lyco else ""
+    lyco = [k for k in match.unmatched if "hada_" in k or "lokr_" in k or k.endswith(".dora_scale")]
+    kind = " (LoHa/LoKr/DoRA modules are not supported)" if lyco else ""
     shown = ", ".join(match.unmatched[:8]) + (" ..." if len(match.unmatched) > 8 else "")
     log.warning("LoRA %s: %d keys matched no layer of this model%s: %s", match.name, len(match.unmatched), kind,
                 shown)
@@ -406,7 +360,7 @@ def _merge(bundle, mod: LoraModule, mult: float, backup: dict) -> None:
     key = (mod.component, mod.module)
     if key not in backup:
         backup[key] = (param, param.detach().to("cpu", copy=True))
-    delta = mod.delta(param.shape).to(param.device)
+    delta = mod.delta(param.shape, param.device)
     param.copy_((param.float() + delta * (mult * mod.scale)).to(param.dtype))
 
 
@@ -431,8 +385,9 @@ class LoraEntry:
 class LoraLibrary:
     """The LoRA folder (A1111 `models/Lora`): files found recursively, addressed by file stem (or alias)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, hash_cache: HashCache | None = None):
         self.directory = Path(directory)
+        self.hash_cache = hash_cache
         self._entries: dict[str, LoraEntry] | None = None
         self._loaded: dict[str, tuple[float, LoraFile]] = {}
 
@@ -463,13 +418,17 @@ class LoraLibrary:
             raise unknown_name("LoRA", name, self.names(), field="lora")
         return entry
 
-    def get(self, name: str) -> LoraFile:
+    def get(self, name: str) -> Path:
+        """The file of the LoRA called `name` (file stem, else alias); UserError listing valid names if none."""
+        return self.find(name).path
+
+    def load(self, name: str) -> LoraFile:
         """Read (and cache until the file changes) the LoRA called `name`."""
         entry = self.find(name)
         mtime = entry.path.stat().st_mtime
         cached = self._loaded.get(entry.name)
         if cached is None or cached[0] != mtime:
-            lf = read_lora(entry.path)
+            lf = read_lora(entry.path, self.hash_cache)
             lf.name = entry.name
             self._loaded[entry.name] = (mtime, lf)
         return self._loaded[entry.name][1]
@@ -479,7 +438,7 @@ def _entry_metadata(p: Path) -> dict:
     if p.suffix.lower() != ".safetensors":
         return {}
     try:
-        meta = read_safetensors_metadata(p, parse_json=True)
+        meta = _json_values(read_safetensors_metadata(p))
     except (UserError, OSError) as e:
         log.warning("LoRA %s: cannot read metadata: %s", p.name, e)
         return {}

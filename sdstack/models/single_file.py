@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Mapping
 
@@ -19,6 +19,7 @@ import torch
 from sdstack.errors import CheckpointKeyError, UnsafeCheckpointError, UserError
 
 from .bundle import ModelBundle
+from .io import read_state_dict
 from .configs import load_configs
 from .convert import LAYOUTS, diffusers_to_ldm, ldm_to_diffusers, load_into
 from .convert.clip import to_canonical
@@ -76,6 +77,18 @@ def check_components(family: str, configs: Mapping, components: Mapping) -> None
         check_shapes(label, {k: v.shape for k, v in own.items()}, sd)
 
 
+def expected_ldm_shapes(family: str, configs: Mapping | None = None) -> dict[str, tuple[int, ...]]:
+    """LDM key -> shape of every weight a single file of this family holds (shipped configs by default).
+
+    Built on the meta device, so it costs no memory: a checklist of what a real checkpoint must contain.
+    """
+    configs = configs or load_configs(family)
+    unet, vae, encoders = instantiate(family, configs, empty=True)
+    components = {"unet": unet.state_dict(), "vae": vae.state_dict(),
+                  "text_encoders": [e.state_dict() for e in encoders]}
+    return {k: tuple(v.shape) for k, v in diffusers_to_ldm(components, family, configs).items()}
+
+
 def read_single_file_components(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
                                 ) -> tuple[DetectedModel, dict, dict]:
     """LDM single-file state dict (+ safetensors metadata) -> (detected, configs, component state dicts).
@@ -108,11 +121,11 @@ def write_single_file(bundle: ModelBundle, path: str | Path) -> Path:
     configs = bundle_configs(bundle)
     components = {"unet": bundle.unet.state_dict(), "vae": bundle.vae.state_dict(),
                   "text_encoders": [e.state_dict() for e in bundle.text_encoders]}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in diffusers_to_ldm(components, bundle.family, configs).items()}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(configs, default=list)}
+    ldm = diffusers_to_ldm(components, bundle.family, configs)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in ldm.items()}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(configs, default=str)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"  # same filesystem, so the rename is atomic
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
@@ -122,28 +135,7 @@ def write_single_file(bundle: ModelBundle, path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict, safetensors metadata) of a .safetensors, or a .ckpt/.pt loaded with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}", field="model", status=404)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling refusal or corruption is the user's file
-        raise UnsafeCheckpointError(f"{path.name} cannot be loaded safely (weights only): {e}".splitlines()[0],
-                                    field="model") from None
-    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(obj, dict):
-        raise UserError(f"{path.name} does not hold a state dict", field="model")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
-
-
-def _prepared(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def prepare_weights(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Floating tensors cast to `dtype`; tensors that stay put are copied when their data is not 64-byte
     aligned (safetensors hands out views into the file at arbitrary offsets, and misaligned weights take
     different CPU kernels, so results would differ in the last bits from the same weights loaded elsewhere)."""
@@ -173,13 +165,13 @@ def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32) ->
     from .tokenizer import ClipTokenizer
 
     path = Path(path)
-    state_dict, metadata = read_checkpoint(path)
+    state_dict, metadata = read_state_dict(path)
     detected, configs, components = read_single_file_components(state_dict, metadata)
     unet, vae, encoders = instantiate(detected.family, configs, empty=True)
-    load_into(unet, _prepared(components["unet"], dtype), "unet", assign=True)
-    load_into(vae, _prepared(components["vae"], dtype), "vae", assign=True)
+    load_into(unet, prepare_weights(components["unet"], dtype), "unet", assign=True)
+    load_into(vae, prepare_weights(components["vae"], dtype), "vae", assign=True)
     for i, (enc, sd) in enumerate(zip(encoders, components["text_encoders"])):
-        load_into(enc, _prepared(sd, dtype), f"text_encoders[{i}]", assign=True)
+        load_into(enc, prepare_weights(sd, dtype), f"text_encoders[{i}]", assign=True)
     for m in (unet, vae, *encoders):
         m.eval().requires_grad_(False)
     own = METADATA_KEY in metadata

@@ -52,6 +52,16 @@ def _clip_config(act: str, with_projection: bool) -> dict:
                 eos_token_id=49407, pad_token_id=1 if not with_projection else 0)
 
 
+def _randomize_norms(model: torch.nn.Module) -> None:
+    """Give normalisation layers non-trivial affine parameters, as trained models have (default init makes
+    every LayerNorm output exactly zero-mean, which hides bugs)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
+                m.weight.normal_(1.0, 0.1)
+                m.bias.normal_(0.0, 0.1)
+
+
 def tiny_bundle(family: str = "sd1", seed: int = 0, prediction_type: str = "epsilon") -> ModelBundle:
     """A random-weight ModelBundle of the given family; same seed -> same weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -71,6 +81,7 @@ def tiny_bundle(family: str = "sd1", seed: int = 0, prediction_type: str = "epsi
                     CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config("gelu", True)))]
         tokenizers = [ClipTokenizer(pad_token_id=49407), ClipTokenizer(pad_token_id=0)]
     for m in [unet, vae, *encoders]:
+        _randomize_norms(m)
         m.eval().requires_grad_(False)
     schedule = dict(SCHEDULE, prediction_type=prediction_type)
     return ModelBundle(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,

@@ -155,7 +155,8 @@ class TextConditioner:
             return z * w
         before = z.mean()
         z = z * w
-        return z * (before / z.mean())
+        after = z.mean()
+        return z * (before / after) if after != 0 else z
 
     def _encode_chunk(self, chunk: Chunk, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = self.bundle
@@ -179,9 +180,14 @@ class TextConditioner:
             z = out.hidden_states[-2]
             pooled = out.text_embeds[0] if k == 1 else None
         else:
-            z = enc.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+            z = final_layer_norm(enc)(out.hidden_states[-self.clip_skip])
             pooled = None
         return z[0], pooled
+
+
+def final_layer_norm(encoder) -> torch.nn.Module:
+    """The encoder's final LayerNorm (transformers 5 dropped the `text_model` wrapper)."""
+    return getattr(encoder, "text_model", encoder).final_layer_norm
 
 
 def _replace_rows(fixes):

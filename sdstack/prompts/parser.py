@@ -49,6 +49,7 @@ _RE_AND_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$",
 _RE_NUMBER = re.compile(r"[+-]?(?:[0-9]+[eE][+-]?[0-9]+|(?:[0-9]+\.(?:[0-9]+)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[0-9]+)")
 _RE_SPACE = re.compile(r"\s+")
 _SPECIAL = frozenset("\\[]():|")
+_MAX_DEPTH = 100  # bracket nesting the schedule parser follows; deeper groups are read as text
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -160,6 +161,7 @@ class _ScheduleParser:
         self.s = text
         self.n = len(text)
         self.memo: dict[int, tuple[tuple, int] | None] = {}
+        self.depth = 0
 
     def parse(self) -> tuple:
         s, nodes, i = self.s, [], 0
@@ -218,8 +220,15 @@ class _ScheduleParser:
         return nodes, i
 
     def group(self, i: int) -> tuple[tuple, int] | None:
+        """The construct opening at i (memoised: it does not depend on what encloses it), or None."""
         if i not in self.memo:
-            self.memo[i] = self._round(i) if self.s[i] == "(" else self._square(i)
+            if self.depth >= _MAX_DEPTH:  # absurd nesting: read as literal text rather than overflow the stack
+                return None
+            self.depth += 1
+            try:
+                self.memo[i] = self._round(i) if self.s[i] == "(" else self._square(i)
+            finally:
+                self.depth -= 1
         return self.memo[i]
 
     def _peek(self, i: int) -> str:

@@ -6,7 +6,9 @@
 at noise level sigmas[0]. `callback(dict(i, x, sigma, sigma_hat, denoised))` is called once per step, right
 after the step's first denoiser call (x is the step's input), as k-diffusion does. `noise(x)` returns fresh
 standard-normal noise shaped like x; stochastic samplers need it and raise ValueError without it.
-Sigma arithmetic is float32. The ODE is dx/dsigma = (x - denoised) / sigma (Karras et al. 2022, eq. 3).
+Sigma arithmetic is float32 (float64 for a float64 x). The ODE is dx/dsigma = (x - denoised) / sigma
+(Karras et al. 2022, eq. 3). Optional keywords beyond the common signature: `eta` for the ancestral samplers
+(default 1, A1111's) and `order` for LMS (default 4).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
     return (x - denoised) / sigma
 
 
-def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def ancestral_step(
+    sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a step sigma -> sigma_next into a deterministic step to sigma_down and fresh noise sigma_up,
     with sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion `get_ancestral_step`)."""
     if not eta:
@@ -38,8 +42,9 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
 
 
 def _setup(x: torch.Tensor, sigmas: torch.Tensor, extra: dict | None):
-    sigmas = torch.as_tensor(sigmas).to(device=x.device, dtype=torch.float32)
-    return sigmas, x.new_ones([x.shape[0]], dtype=torch.float32), (extra or {})
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sigmas = torch.as_tensor(sigmas).to(device=x.device, dtype=dtype)
+    return sigmas, x.new_ones([x.shape[0]], dtype=dtype), (extra or {})
 
 
 def _need_noise(noise: NoiseFn, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -54,6 +59,7 @@ def _report(callback: Callback, i: int, x, sigma, denoised, sigma_hat=None) -> N
         callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": hat, "denoised": denoised})
 
 
+@torch.no_grad()
 def sample_euler(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None) -> torch.Tensor:
     """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     sigmas, s_in, extra = _setup(x, sigmas, extra)
@@ -64,6 +70,7 @@ def sample_euler(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, no
     return x
 
 
+@torch.no_grad()
 def sample_euler_ancestral(
     denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None, eta: float = 1.0
 ) -> torch.Tensor:
@@ -80,6 +87,7 @@ def sample_euler_ancestral(
     return x
 
 
+@torch.no_grad()
 def sample_heun(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); Euler for the last step to sigma 0."""
     sigmas, s_in, extra = _setup(x, sigmas, extra)
@@ -106,6 +114,7 @@ def _dpm2_step(denoiser, x, d, sigma, sigma_to, s_in, extra) -> torch.Tensor:
     return x + d_2 * (sigma_to - sigma)
 
 
+@torch.no_grad()
 def sample_dpm_2(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None) -> torch.Tensor:
     """DPM-Solver-2 (Lu et al. 2022) in Karras' sigma form (k-diffusion `sample_dpm_2`); Euler to sigma 0."""
     sigmas, s_in, extra = _setup(x, sigmas, extra)
@@ -121,6 +130,7 @@ def sample_dpm_2(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, no
     return x
 
 
+@torch.no_grad()
 def sample_dpm_2_ancestral(
     denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None, eta: float = 1.0
 ) -> torch.Tensor:
@@ -157,6 +167,7 @@ def lms_coefficient(sigmas: np.ndarray, i: int, j: int, order: int) -> float:
     return float((b - a) / 2 * np.dot(_GL_WEIGHTS, basis))
 
 
+@torch.no_grad()
 def sample_lms(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None, order: int = 4) -> torch.Tensor:
     """Linear multistep method of order 4 on the ODE in sigma (Karras et al. 2022 / k-diffusion `sample_lms`)."""
     sigmas, s_in, extra = _setup(x, sigmas, extra)
@@ -172,12 +183,15 @@ def sample_lms(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, nois
     return x
 
 
+@torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None) -> torch.Tensor:
-    """DDIM with eta = 0 (Song et al. 2020); in x/sqrt(alpha) and sigma coordinates a DDIM step is exactly
-    an Euler step of the probability-flow ODE, so this is Euler (use it with the "ddim" schedule)."""
+    """DDIM, eta = 0 (Song et al. 2020): exactly an Euler step in (x / sqrt(alpha), sigma) coordinates."""
+    # With x_k = x_vp / sqrt(alpha) and sigma = sqrt(1 - alpha) / sqrt(alpha), DDIM's update
+    # x_k' = x0 + sigma' * eps is x_k + (sigma' - sigma) * (x_k - x0) / sigma. Use it with the "ddim" schedule.
     return sample_euler(denoiser, x, sigmas, extra=extra, callback=callback, noise=noise)
 
 
+@torch.no_grad()
 def sample_lcm(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None) -> torch.Tensor:
     """Latent Consistency Model multistep sampling (Luo et al. 2023): predict x0, re-noise to the next sigma."""
     sigmas, s_in, extra = _setup(x, sigmas, extra)
@@ -202,4 +216,7 @@ SAMPLER_FUNCTIONS = {
     "lcm": sample_lcm,
 }
 
-__all__ = [*(f.__name__ for f in SAMPLER_FUNCTIONS.values()), "to_d", "ancestral_step", "lms_coefficient", "SAMPLER_FUNCTIONS"]
+__all__ = [
+    *(f.__name__ for f in SAMPLER_FUNCTIONS.values()),
+    "to_d", "ancestral_step", "lms_coefficient", "SAMPLER_FUNCTIONS",
+]

@@ -35,7 +35,9 @@ def uniform(n: int, sigma_min: float, sigma_max: float, *, schedule: DiscreteSch
     return _append_zero(sched.t_to_sigma(t))
 
 
-def sgm_uniform(n: int, sigma_min: float, sigma_max: float, *, schedule: DiscreteSchedule | None = None) -> torch.Tensor:
+def sgm_uniform(
+    n: int, sigma_min: float, sigma_max: float, *, schedule: DiscreteSchedule | None = None
+) -> torch.Tensor:
     """A1111 "SGM Uniform": n + 1 timesteps evenly spaced from t(sigma_max) to t(sigma_min), the last
     replaced by sigma 0 (the "trailing" spacing of SD-XL's generative-models)."""
     sched = _need(schedule, "sgm_uniform")
@@ -54,7 +56,9 @@ def karras(
     return _append_zero((hi + ramp * (lo - hi)) ** rho)
 
 
-def exponential(n: int, sigma_min: float, sigma_max: float, *, schedule: DiscreteSchedule | None = None) -> torch.Tensor:
+def exponential(
+    n: int, sigma_min: float, sigma_max: float, *, schedule: DiscreteSchedule | None = None
+) -> torch.Tensor:
     """n sigmas evenly spaced in log-sigma from sigma_max to sigma_min (k-diffusion `get_sigmas_exponential`)."""
     log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64)
     return _append_zero(log_sigmas.exp())

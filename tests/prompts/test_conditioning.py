@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sdstack.models.tiny import tiny_bundle
-from sdstack.prompts.conditioning import CHUNK, TextConditioner, tokenize_prompt
+from sdstack.prompts.conditioning import CHUNK, TextConditioner, final_layer_norm, tokenize_prompt
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def direct(bundle, ids, k=0, layer=-1, final_ln=True):
     with torch.no_grad():
         out = enc(input_ids=torch.tensor([ids]), output_hidden_states=True)
     h = out.hidden_states[layer]
-    return (enc.text_model.final_layer_norm(h) if final_ln else h)[0], out
+    return (final_layer_norm(enc)(h) if final_ln else h)[0], out
 
 
 def test_plain_prompt_equals_direct_encoding(sd1):

@@ -89,12 +89,14 @@ def test_sgm_uniform_by_hand(sd_schedule):
 
 def test_ddim_schedule_is_a1111_timesteps(sd_schedule):
     """A1111 ddim_scheduler: sigmas at timesteps 1, 1+k, ... (k = 1000 // n), descending, then 0.
-    n=20 -> 951, 901, ..., 1; n=30 -> k=33 gives 31 timesteps 991, ..., 1 (A1111 does the same)."""
+    n=20 -> 951, 901, ..., 1; n=30 -> k=33 gives 31 timesteps 991, ..., 1; n=7 -> k=142 gives 8 (as A1111)."""
     got = schedules.ddim(20, 0, 0, schedule=sd_schedule)
     torch.testing.assert_close(got[:-1], sd_schedule.sigmas[list(range(951, 0, -50))], rtol=0, atol=0)
     got30 = schedules.ddim(30, 0, 0, schedule=sd_schedule)
     assert len(got30) == 32
     torch.testing.assert_close(got30[:-1], sd_schedule.sigmas[list(range(991, 0, -33))], rtol=0, atol=0)
+    got7 = schedules.ddim(7, 0, 0, schedule=sd_schedule)  # k = 142: 1, 143, ..., 995 -> 8 steps
+    torch.testing.assert_close(got7[:-1], sd_schedule.sigmas[list(range(995, 0, -142))], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("key", [k for k in SCHEDULERS if k != "automatic"])

@@ -81,7 +81,8 @@ def keymaps(family: str, configs: Mapping) -> list[tuple[str, str, KeyMap]]:
     encoders, cfgs = lay["text_encoders"], list(configs["text_encoders"])
     if len(cfgs) != len(encoders):
         raise ValueError(f"{family} has {len(encoders)} text encoder(s), configs give {len(cfgs)}")
-    out = [("unet", lay["unet"], unet.unet_keymap(configs["unet"])), ("vae", lay["vae"], vae.vae_keymap(configs["vae"]))]
+    out = [("unet", lay["unet"], unet.unet_keymap(configs["unet"])),
+           ("vae", lay["vae"], vae.vae_keymap(configs["vae"]))]
     for i, ((prefix, layout, proj), cfg) in enumerate(zip(encoders, cfgs)):
         out.append((f"text_encoders[{i}]", prefix, text_encoder_keymap(cfg, layout, proj)))
     return out
@@ -92,11 +93,13 @@ def _split(sd: Mapping[str, torch.Tensor], prefixes: list[str]) -> list[dict[str
     parts: list[dict] = [{} for _ in prefixes]
     stray = []
     for k, v in sd.items():
+        if is_ignored(k):
+            continue
         owner = next((i for i, p in enumerate(prefixes) if k.startswith(p)), None)
-        if owner is not None:
-            parts[owner][k[len(prefixes[owner]):]] = v
-        elif not is_ignored(k):
+        if owner is None:
             stray.append(k)
+        else:
+            parts[owner][k[len(prefixes[owner]):]] = v
     if stray:
         raise key_error("checkpoint", (), stray)
     return parts
@@ -124,13 +127,17 @@ def diffusers_to_ldm(components: Mapping, family: str, configs: Mapping) -> dict
 
 
 def vae_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """A standalone LDM VAE file (keys with or without `first_stage_model.`) -> diffusers AutoencoderKL names."""
+    """A standalone LDM VAE file (keys with or without `first_stage_model.`) -> diffusers AutoencoderKL names.
+
+    Its training-loss tensors (`loss.*`, e.g. the discriminator) are not weights and are dropped, as A1111 does.
+    """
     prefix = vae.PREFIX if any(k.startswith(vae.PREFIX) for k in state_dict) else ""
-    (part,) = _split(state_dict, [prefix]) if prefix else [{k: v for k, v in state_dict.items() if not is_ignored(k)}]
+    (part,) = _split({k: v for k, v in state_dict.items() if not k.startswith("loss.")}, [prefix])
     return to_diffusers(vae.vae_keymap(config), part, "vae")
 
 
-def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], label: str = "", *, assign: bool = False) -> None:
+def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], label: str = "", *,
+              assign: bool = False) -> None:
     """Strict load_state_dict naming missing/unexpected keys and wrong shapes (text encoders: either naming).
 
     `assign=True` adopts the given tensors (for modules built on the meta device).
