@@ -10,15 +10,18 @@ from .errors import UserError
 from .paths import DataDir
 
 
-def _load_for_cli(data: DataDir, opts: dict, model_hint: str | None):
+def _load_for_cli(data: DataDir, opts: dict, facts: dict):
     import torch
 
     from .models.hashing import HashCache
     from .models.loader import load_model
-    from .models.registry import resolve_checkpoint, resolve_vae
+    from .models.registry import resolve_checkpoint, resolve_from_infotext, resolve_vae
 
     cache = HashCache(data.hash_cache)
-    path = resolve_checkpoint(data, opts.get("model") or model_hint, cache)
+    if opts.get("model") or not facts:
+        path = resolve_checkpoint(data, opts.get("model"), cache)
+    else:
+        path = resolve_from_infotext(data, facts, cache)
     vae = resolve_vae(data, opts.get("vae"))
     dtype = torch.bfloat16 if opts.get("bf16") else torch.float32
     return load_model(path, vae=vae, prediction_type=opts.get("prediction_type"), device=opts.get("device", "cpu"),
@@ -70,7 +73,7 @@ def run_generate(prompt: str | None, opts: dict) -> None:
         from .engine.images import open_image
 
         init = [open_image(init[0])]
-    bundle, cache = _load_for_cli(data, opts, facts.get("Model hash") or facts.get("Model"))
+    bundle, cache = _load_for_cli(data, opts, facts)
     embeddings = EmbeddingLibrary(data.embeddings, bundle) if data.embeddings.is_dir() else None
     bar = tqdm(total=1, desc="sampling", unit="step", leave=False)
 

@@ -62,9 +62,10 @@ def list_checkpoints(folder: Path) -> list[Path]:
     """Checkpoint files (not *.vae.*) and diffusers folders under `folder`, sorted, like A1111's list."""
     if not folder.is_dir():
         return []
+    folders = [p.parent for p in folder.rglob("model_index.json")]
     found = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".safetensors", ".ckpt")
-             and ".vae." not in p.name]
-    found += [p.parent for p in folder.rglob("model_index.json")]
+             and ".vae." not in p.name and not any(p.is_relative_to(f) for f in folders)]
+    found += folders
     return sorted(set(found), key=lambda p: str(p).lower())
 
 

@@ -1,8 +1,9 @@
 """Images with their infotext: atomic saving and reading, in the places A1111 uses (`modules/images.py`).
 
 - PNG: a text chunk ``parameters`` (Pillow writes tEXt, or iTXt when the text is not latin-1).
-- JPEG / WEBP: EXIF ``UserComment`` (tag 0x9286) holding ``b"UNICODE\\0"`` + UTF-16-BE text, as piexif's
-  ``UserComment.dump(..., encoding="unicode")`` writes it for A1111; written with Pillow's own EXIF support.
+- JPEG / WEBP: EXIF ``UserComment`` (tag 0x9286, type UNDEFINED) holding ``b"UNICODE\\0"`` + UTF-16-BE text,
+  as piexif's ``UserComment.dump(..., encoding="unicode")`` writes it for A1111; Pillow embeds the block and
+  reads it back (``Image.getexif``), no piexif needed.
 - GIF: the ``comment`` extension.
 
 Files are written to a temporary name in the target folder, flushed to disk, then renamed over the target, so a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,6 +32,7 @@ _UNICODE_PREFIX = b"UNICODE\0"
 _ASCII_PREFIX = b"ASCII\0\0\0"
 _JIS_PREFIX = b"JIS\0\0\0\0\0"
 _UNDEFINED_PREFIX = b"\0" * 8
+_LONG, _UNDEFINED = 4, 7  # TIFF field types
 
 IGNORED_INFO_KEYS = frozenset({
     "jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background", "timestamp",
@@ -67,9 +70,21 @@ def decode_user_comment(data: bytes | str) -> str:
 
 
 def _exif_bytes(infotext: str) -> bytes:
-    exif = Image.Exif()
-    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = encode_user_comment(infotext)
-    return exif.tobytes()
+    """A big-endian EXIF block holding only IFD0 -> Exif IFD -> UserComment, as piexif.dump lays it out.
+
+    Packed by hand because Pillow's ``Image.Exif`` writes an unknown tag given ``bytes`` as type BYTE, and
+    piexif (A1111's reader) returns a BYTE UserComment as a tuple of ints that A1111 then fails to decode;
+    UserComment must be type UNDEFINED (7).
+    """
+    comment = encode_user_comment(infotext)  # always > 4 bytes, so stored after the IFD, at an offset
+    exif_ifd_at = 8 + 2 + 12 + 4  # after the TIFF header and IFD0 (entry count, one entry, next-IFD offset)
+    comment_at = exif_ifd_at + 2 + 12 + 4
+    return b"".join([
+        b"Exif\0\0MM\0\x2a", struct.pack(">I", 8),
+        struct.pack(">HHHIII", 1, EXIF_IFD, _LONG, 1, exif_ifd_at, 0),
+        struct.pack(">HHHIII", 1, USER_COMMENT, _UNDEFINED, len(comment), comment_at, 0),
+        comment,
+    ])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- saving

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..paths import DataDir, list_checkpoints, list_vaes, resolve_file
-from .hashing import HashCache
+from .hashing import HashCache, tree_sha256
 
 BUILTIN_NAME = "shapes-v1"
 
@@ -32,9 +32,20 @@ def resolve_checkpoint(data: DataDir, name: str | None, cache: HashCache | None 
     found = list_checkpoints(data.checkpoints)
     hashes = None
     text = str(name)
-    if cache is not None and len(text.split(" [")[0]) == 10 and all(c in "0123456789abcdef" for c in text.lower()):
-        hashes = {p: cache.sha256(p) for p in found if p.is_file()}
+    if cache is not None and len(text) == 10 and all(c in "0123456789abcdef" for c in text.lower()):
+        hashes = {p: cache.sha256(p) if p.is_file() else tree_sha256(p) for p in found}
     return resolve_file(name, found, data.checkpoints, "model", hashes)
+
+
+def resolve_from_infotext(data: DataDir, facts: dict, cache: HashCache | None = None) -> Path:
+    """The model an image was made with: by 'Model hash', then 'Model' name; else the default model."""
+    for hint in (facts.get("Model hash"), facts.get("Model")):
+        if hint:
+            try:
+                return resolve_checkpoint(data, hint, cache)
+            except UserError:
+                continue
+    return resolve_checkpoint(data, None, cache)
 
 
 def resolve_vae(data: DataDir, name: str | None) -> Path | None:
