@@ -67,6 +67,18 @@ def models(data_dir, no_hash):
     run_models(data_dir, no_hash)
 
 
+def _register_optional_groups() -> None:
+    """Command groups that live with their layer (e.g. `sdstack train` in sdstack/train/cli.py)."""
+    try:
+        from .train.cli import train
+    except ImportError:
+        return
+    cli.add_command(train)
+
+
+_register_optional_groups()
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="sdstack", standalone_mode=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+ZTSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
 
 
 def alphas_cumprod_from_config(cfg: dict) -> torch.Tensor:
@@ -28,7 +29,10 @@ def alphas_cumprod_from_config(cfg: dict) -> torch.Tensor:
         raise ValueError(f"unsupported beta_schedule {kind!r}")
     ac = torch.cumprod(1.0 - betas, dim=0)
     if cfg.get("rescale_betas_zero_snr"):
+        # Zero terminal SNR makes sigma_max infinite; for sampling, the last alpha_bar is set to a tiny
+        # positive value instead (the value A1111 uses), giving sigma_max ~ 4.5e3.
         ac = rescale_zero_terminal_snr(ac)
+        ac[-1] = ZTSNR_LAST_ALPHA_BAR
     return ac
 
 
