@@ -89,7 +89,8 @@ def build_infotext(prompt: str, negative_prompt: str, params: Mapping[str, objec
     With ``ordered`` (the default) the keys are put in :data:`KEY_ORDER` first; numbers are written with ``str()``.
     """
     items = order_params(params) if ordered else dict(params)
-    line = ", ".join(key if key == value else f"{key}: {quote(value)}" for key, value in items.items() if value is not None)
+    pairs = (key if key == value else f"{key}: {quote(value)}" for key, value in items.items() if value is not None)
+    line = ", ".join(pairs)
     negative = f"\n{NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{line}".strip()
 
@@ -217,7 +218,9 @@ def _restore_old_hires_fix(res: dict[str, object]) -> None:
 
 # ---------------------------------------------------------------------------------------------- versions
 
-_RE_VERSION = re.compile(r"v?(\d+(?:\.\d+)*)(?:[-_.]?(dev|a|alpha|b|beta|rc|c|pre|preview)[-_.]?(\d*))?(?:-(\d+))?", re.I)
+_RE_VERSION = re.compile(
+    r"v?(\d+(?:\.\d+)*)(?:[-_.]?(dev|a|alpha|b|beta|rc|c|pre|preview)[-_.]?(\d*))?(?:-(\d+))?", re.I
+)
 _PHASE = {"dev": -4, "a": -3, "alpha": -3, "b": -2, "beta": -2, "rc": -1, "c": -1, "pre": -1, "preview": -1}
 
 

@@ -65,7 +65,10 @@ def _tokenizers(family: str) -> list[ClipTokenizer]:
 
 def _finish(bundle: ModelBundle, dtype: torch.dtype, device: str | torch.device) -> ModelBundle:
     for m in [bundle.unet, bundle.vae, *bundle.text_encoders]:
-        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        p = next(m.parameters())
+        if p.dtype != dtype or p.device != torch.device(device):
+            m.to(device=device, dtype=dtype)
+        m.eval().requires_grad_(False)
     return bundle
 
 
