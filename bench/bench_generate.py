@@ -23,31 +23,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sdstack.engine.generate import generate  # noqa: E402
 from sdstack.models.bundle import ModelBundle  # noqa: E402
-from sdstack.models.tiny import tiny_bundle  # noqa: E402
-from sdstack.models.tokenizer import ClipTokenizer  # noqa: E402
+from sdstack.models.tiny import full_size_random_bundle, tiny_bundle  # noqa: E402
 from sdstack.params import make_params  # noqa: E402
 from sdstack.engine.perf import set_inference_dtype  # noqa: E402
 
 PROMPT = "a red star on a blue background"
-
-
-def full_sd15_bundle() -> ModelBundle:
-    from accelerate.utils import set_seed
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sdstack.models.configs import load_config
-
-    set_seed(0)
-    unet = UNet2DConditionModel.from_config(load_config("sd1", "unet"))
-    vae = AutoencoderKL.from_config(load_config("sd1", "vae"))
-    te_cfg = {k: v for k, v in load_config("sd1", "text_encoder").items() if k != "architectures"}
-    te = CLIPTextModel(CLIPTextConfig(**te_cfg))
-    for m in (unet, vae, te):
-        m.eval().requires_grad_(False)
-    sched = load_config("sd1", "scheduler")
-    return ModelBundle(family="sd1", unet=unet, vae=vae, text_encoders=[te], tokenizers=[ClipTokenizer()],
-                       schedule=sched, name="sd15-random", sha256="0" * 64)
 
 
 def diffusers_pipeline(bundle: ModelBundle):
@@ -101,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     bench(tiny_bundle("sd1"), 64, 20, args.repeats)
     if args.full:
-        bench(full_sd15_bundle(), 512, 2, 1)
+        bench(full_size_random_bundle("sd1"), 512, 2, 1)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,21 @@ def save_diffusers_folder(bundle: ModelBundle, path: str | Path) -> Path:
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root
+
+
+def full_size_random_bundle(family: str = "sd1", seed: int = 0) -> ModelBundle:
+    """Random weights in the real full-size architecture of a family (shipped configs), for slow tests and
+    benchmarks: same shapes and FLOPs as a real checkpoint, nothing downloaded."""
+    from .configs import load_configs
+    from .single_file import instantiate
+
+    torch.manual_seed(seed)
+    configs = load_configs(family)
+    unet, vae, encoders = instantiate(family, configs)
+    for m in [unet, vae, *encoders]:
+        m.eval().requires_grad_(False)
+    pads = [49407] if family == "sd1" else [0] if family == "sd2" else [49407, 0]
+    return ModelBundle(family=family, unet=unet, vae=vae, text_encoders=encoders,
+                       tokenizers=[ClipTokenizer(pad_token_id=p) for p in pads],
+                       prediction_type=configs["scheduler"].get("prediction_type", "epsilon"),
+                       schedule=dict(configs["scheduler"]), name=f"{family}-random", sha256="0" * 64)
