@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from sdstack.errors import CheckpointKeyError, UnsafeCheckpointError, UserError
+from sdstack.errors import CheckpointKeyError
 
 from .bundle import ModelBundle
 from .io import read_state_dict

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .common import ancestral_sigmas, noise_drawer, report_step
+
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[dict], Any] | None
 NoiseFn = Callable[[torch.Tensor], torch.Tensor] | None
@@ -31,14 +33,9 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
 def ancestral_step(
     sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a step sigma -> sigma_next into a deterministic step to sigma_down and fresh noise sigma_up,
-    with sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion `get_ancestral_step`)."""
-    if not eta:
-        return sigma_next, torch.zeros_like(sigma_next)
-    up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt() * eta
-    up = torch.minimum(up, sigma_next)
-    down = (sigma_next**2 - up**2).sqrt()
-    return down, up
+    """`common.ancestral_sigmas` on tensors: (sigma_down, sigma_up) with down^2 + up^2 = sigma_next^2."""
+    down, up = ancestral_sigmas(float(sigma), float(sigma_next), eta)
+    return sigma_next.new_tensor(down), sigma_next.new_tensor(up)
 
 
 def _setup(x: torch.Tensor, sigmas: torch.Tensor, extra: dict | None):
@@ -47,25 +44,13 @@ def _setup(x: torch.Tensor, sigmas: torch.Tensor, extra: dict | None):
     return sigmas, x.new_ones([x.shape[0]], dtype=dtype), (extra or {})
 
 
-def _need_noise(noise: NoiseFn, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if noise is None:
-        raise ValueError(f"{name} is stochastic: pass noise=<callable x -> standard normal noise like x>")
-    return noise
-
-
-def _report(callback: Callback, i: int, x, sigma, denoised, sigma_hat=None) -> None:
-    if callback is not None:
-        hat = sigma if sigma_hat is None else sigma_hat
-        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": hat, "denoised": denoised})
-
-
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None) -> torch.Tensor:
     """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     sigmas, s_in, extra = _setup(x, sigmas, extra)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in, **extra)
-        _report(callback, i, x, sigmas[i], denoised)
+        report_step(callback, i, x, sigmas[i], denoised)
         x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
 
@@ -76,14 +61,14 @@ def sample_euler_ancestral(
 ) -> torch.Tensor:
     """Ancestral sampling with Euler steps (k-diffusion `sample_euler_ancestral`, Ho et al. 2020 ancestral)."""
     sigmas, s_in, extra = _setup(x, sigmas, extra)
-    noise = _need_noise(noise, "Euler a") if eta else noise
+    noise = noise_drawer(noise, "Euler a") if eta else noise
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in, **extra)
-        _report(callback, i, x, sigmas[i], denoised)
+        report_step(callback, i, x, sigmas[i], denoised)
         down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + to_d(x, sigmas[i], denoised) * (down - sigmas[i])
         if sigmas[i + 1] > 0 and eta:
-            x = x + noise(x) * up
+            x = x + noise(x, sigmas[i], sigmas[i + 1]) * up
     return x
 
 
@@ -94,7 +79,7 @@ def sample_heun(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noi
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, **extra)
-        _report(callback, i, x, sigma, denoised)
+        report_step(callback, i, x, sigma, denoised)
         d = to_d(x, sigma, denoised)
         dt = sigma_next - sigma
         if sigma_next == 0:
@@ -121,7 +106,7 @@ def sample_dpm_2(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, no
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * s_in, **extra)
-        _report(callback, i, x, sigma, denoised)
+        report_step(callback, i, x, sigma, denoised)
         d = to_d(x, sigma, denoised)
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma)
@@ -136,11 +121,11 @@ def sample_dpm_2_ancestral(
 ) -> torch.Tensor:
     """Ancestral sampling with DPM-Solver-2 steps (k-diffusion `sample_dpm_2_ancestral`)."""
     sigmas, s_in, extra = _setup(x, sigmas, extra)
-    noise = _need_noise(noise, "DPM2 a") if eta else noise
+    noise = noise_drawer(noise, "DPM2 a") if eta else noise
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         denoised = denoiser(x, sigma * s_in, **extra)
-        _report(callback, i, x, sigma, denoised)
+        report_step(callback, i, x, sigma, denoised)
         down, up = ancestral_step(sigma, sigmas[i + 1], eta)
         d = to_d(x, sigma, denoised)
         if down == 0:
@@ -148,7 +133,7 @@ def sample_dpm_2_ancestral(
         else:
             x = _dpm2_step(denoiser, x, d, sigma, down, s_in, extra)
             if eta:
-                x = x + noise(x) * up
+                x = x + noise(x, sigmas[i], sigmas[i + 1]) * up
     return x
 
 
@@ -175,7 +160,7 @@ def sample_lms(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, nois
     ds: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in, **extra)
-        _report(callback, i, x, sigmas[i], denoised)
+        report_step(callback, i, x, sigmas[i], denoised)
         ds.insert(0, to_d(x, sigmas[i], denoised))  # ds[j] is the derivative at sigmas[i - j]
         del ds[order:]
         cur = min(i + 1, order)
@@ -195,13 +180,13 @@ def sample_ddim(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noi
 def sample_lcm(denoiser: Denoiser, x, sigmas, *, extra=None, callback=None, noise=None) -> torch.Tensor:
     """Latent Consistency Model multistep sampling (Luo et al. 2023): predict x0, re-noise to the next sigma."""
     sigmas, s_in, extra = _setup(x, sigmas, extra)
-    noise = _need_noise(noise, "LCM") if len(sigmas) > 2 else noise
+    noise = noise_drawer(noise, "LCM") if len(sigmas) > 2 else noise
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in, **extra)
-        _report(callback, i, x, sigmas[i], denoised)
+        report_step(callback, i, x, sigmas[i], denoised)
         x = denoised
         if sigmas[i + 1] > 0:
-            x = x + noise(x) * sigmas[i + 1]
+            x = x + noise(x, sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
     return x
 
 

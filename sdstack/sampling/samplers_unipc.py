@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from sdstack.sampling.samplers_dpmpp import prepare_sampling, report_step
+from .common import prepare_sampling, report_step
 
 __all__ = ["sample_unipc"]
 

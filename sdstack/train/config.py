@@ -1,0 +1,277 @@
+"""Training configs: typed dataclasses that a TOML file maps onto, strictly (unknown keys and wrong types are a
+`UserError` naming the key). The resolved config is saved as TOML with every checkpoint.
+
+    cfg = load_config("configs/shapes-v1/autoencoder.toml", AutoencoderConfig)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+MIXED_PRECISIONS = ("no", "bf16", "auto")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+DATA_SOURCES = ("shapes", "folder")
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/train"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 16  # per process, per micro-step
+    grad_accum: int = 1
+    mixed_precision: str = "auto"  # "auto": bf16 autocast where the CPU supports it (or on CUDA), else fp32
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last one; 0 = off
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # steps between sample grids and loss-curve PNGs; 0 = off
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # "shapes": the synthetic shapes world; "folder": images with same-name captions
+    path: str = ""  # the image folder (source = "folder")
+    resolution: int = 64
+    split: str = "train"  # shapes world split
+    world_seed: int = 0  # shapes world seed
+    caption_ext: str = ".txt"
+    random_flip: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay: str = "cosine"  # "cosine" or "constant" (after warm-up)
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999  # 0 = no EMA
+    warmup: bool = True  # effective decay min(decay, (1 + step) / (10 + step))
+
+
+@dataclass
+class AutoencoderModelConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_block_attention: bool = False
+
+
+@dataclass
+class AutoencoderLossConfig:
+    kl_weight: float = 1e-6
+    edge_weight: float = 4.0  # pixels near colour edges weigh 1 + edge_weight
+    mse_weight: float = 1.0
+    l1_weight: float = 1.0
+    train_encoder: bool = True  # false: only the decoder trains (fine-tuning a decoder)
+
+
+@dataclass
+class AutoencoderConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.0))
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    init_from: str = ""  # a VAE folder (diffusers layout) to start from
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 128
+    norm_num_groups: int = 16
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+
+@dataclass
+class TextEncoderConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 32  # prompts longer than this many tokens are cut
+    hidden_act: str = "quick_gelu"
+
+
+@dataclass
+class NoiseConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = True  # Lin et al. 2023; needs v_prediction
+    prediction_type: str = "v_prediction"
+    timestep_spacing: str = "trailing"  # written to the scheduler config, for sampling
+    min_snr_gamma: float = 5.0  # 0 = plain MSE
+    caption_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
+
+
+@dataclass
+class SampleConfig:
+    prompts: tuple[str, ...] = ("a red circle", "a blue square on yellow background", "two green triangles",
+                                "a white star to the left of a black heart")
+    seeds: tuple[int, ...] = (1, 2)
+    steps: int = 20
+    cfg_scale: float = 5.0
+    sampler: str = "Euler"
+
+
+@dataclass
+class Text2ImageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    vae: str = ""  # the trained VAE: a diffusers VAE folder, or an autoencoder run folder (its final vae/)
+
+
+# ---------------------------------------------------------------------------------------------------- mapping
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, where: str):
+    """`value` checked against the annotation `tp` (int, float, str, bool, tuple[...], nested dataclass)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config: [{where}] must be a table, got {type(value).__name__}", field=where)
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config: {where} must be a list, got {value!r}", field=where)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise UserError(f"config: {where} must have {len(args)} items, got {len(value)}", field=where)
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _coerce(value, a, where)
+            except UserError:
+                continue
+        raise UserError(f"config: {where} has the wrong type: {value!r}", field=where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise UserError(f"config: {where} must be {_type_name(tp)}, got {value!r}", field=where)
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a dict; unknown keys and wrong types raise UserError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise UserError(f"config: unknown key {key!r}; valid in {'[' + where + ']' if where else 'the top level'}: "
+                        f"{', '.join(names)}", field=key)
+    values = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**values)
+
+
+def _check_choice(value, valid, where: str) -> None:
+    if value not in valid:
+        raise UserError(f"config: {where} must be one of {', '.join(map(str, valid))}, got {value!r}", field=where)
+
+
+def validate(cfg) -> None:
+    """Cross-field checks shared by both trainers; raises UserError with one line."""
+    run, data = cfg.run, cfg.data
+    _check_choice(run.mixed_precision, MIXED_PRECISIONS, "run.mixed_precision")
+    _check_choice(data.source, DATA_SOURCES, "data.source")
+    _check_choice(cfg.optim.decay, ("cosine", "constant"), "optim.decay")
+    for name in ("max_steps", "batch_size", "grad_accum"):
+        if getattr(run, name) < 1:
+            raise UserError(f"config: run.{name} must be at least 1", field=f"run.{name}")
+    if data.resolution % 8 or not 16 <= data.resolution <= 1024:
+        raise UserError(f"config: data.resolution must be a multiple of 8 from 16 to 1024, got {data.resolution}",
+                        field="data.resolution")
+    if data.source == "folder" and not data.path:
+        raise UserError("config: data.path is required when data.source = \"folder\"", field="data.path")
+    if isinstance(cfg, Text2ImageConfig):
+        n = cfg.noise
+        _check_choice(n.prediction_type, PREDICTION_TYPES, "noise.prediction_type")
+        _check_choice(n.beta_schedule, BETA_SCHEDULES, "noise.beta_schedule")
+        _check_choice(n.timestep_spacing, ("trailing", "leading", "linspace"), "noise.timestep_spacing")
+        if n.zero_terminal_snr and n.prediction_type != "v_prediction":
+            raise UserError("config: noise.zero_terminal_snr needs noise.prediction_type = \"v_prediction\"",
+                            field="noise.zero_terminal_snr")
+        if not cfg.vae:
+            raise UserError("config: vae (the trained autoencoder folder) is required", field="vae")
+
+
+def load_config(path: str | Path, cls):
+    """Read a TOML file onto `cls` (AutoencoderConfig or Text2ImageConfig) and validate it."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {p}", field="config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {p} is unreadable: {e}", field="config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {p} is not valid TOML: {e}", field="config") from None
+    cfg = from_dict(cls, raw)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg) -> str:
+    """The config as TOML (top-level scalars first, then one table per nested dataclass)."""
+    d = dataclasses.asdict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
