@@ -151,7 +151,7 @@ def _rng(bundle, p, seeds, subseeds, w, h) -> ImageRNG:
     f = bundle.vae_scale_factor
     return ImageRNG((bundle.latent_channels, h // f, w // f), seeds, subseeds=subseeds,
                     subseed_strength=p.subseed_strength, seed_resize_from_h=p.seed_resize_from_h,
-                    seed_resize_from_w=p.seed_resize_from_w)
+                    seed_resize_from_w=p.seed_resize_from_w, device=bundle.device)
 
 
 def _total_steps(p, img2img: bool) -> int:

@@ -29,6 +29,11 @@ def unet_model_fn(bundle):
     return model_fn
 
 
+def batch_cond_uncond_default(x: torch.Tensor) -> bool:
+    """Batch cond+uncond except on CPU with large latents (>= 48x48), where two passes win."""
+    return x.device.type != "cpu" or x.shape[-1] * x.shape[-2] < 48 * 48
+
+
 def pick(schedule: list[tuple[int, Cond]], step: int) -> Cond:
     """A1111's rule: the first entry whose end step >= the current step."""
     for end, cond in schedule:
@@ -45,6 +50,9 @@ class CFGDenoiser:
         self.inner = make_denoiser(unet_model_fn(bundle), bundle.alphas_cumprod, bundle.prediction_type)
         self.pos, self.neg, self.scale, self.time_ids = pos, neg, float(cfg_scale), time_ids
         self.step = 0
+        # One batch of 2B (cond + uncond) is best on GPUs; on a few CPU cores two passes of B can be faster at
+        # large latents (measured: SD 1.5 at 512px, 2 cores). The result is the same either way.
+        self.batch_cond_uncond: bool | None = None  # None = decide per call (batch_cond_uncond_default)
 
     def _run(self, x, sigma, conds: list[Cond]) -> torch.Tensor:
         kw = {"context": torch.stack([c.context for c in conds])}
@@ -61,7 +69,10 @@ class CFGDenoiser:
             return self._run(x, sigma, pos)
         neg = [pick(s, self.step) for s in self.neg]
         lengths = {c.context.shape[0] for c in pos + neg}
-        if len(lengths) == 1:
+        batch = self.batch_cond_uncond if self.batch_cond_uncond is not None else batch_cond_uncond_default(x)
+        if len(lengths) == 1 and not batch:
+            cond, uncond = self._run(x, sigma, pos), self._run(x, sigma, neg)
+        elif len(lengths) == 1:
             out = self._run(torch.cat([x, x]), torch.cat([sigma, sigma]), pos + neg)
             cond, uncond = out[:b], out[b:]
         else:

@@ -91,7 +91,7 @@ def preview_projection(bundle) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     cells = torch.rand(1, 3, 6, 6, generator=g) * 2 - 1
     card = torch.nn.functional.interpolate(cells, scale_factor=8 * f, mode="nearest")
-    lat = encode(bundle, card)
+    lat = encode(bundle, card).cpu()
     lat_px = torch.nn.functional.avg_pool2d(lat, 8)  # one latent vector per colour cell
     rows = lat_px.flatten(2).squeeze(0).T
     A = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1)

@@ -30,6 +30,7 @@ class RunConfig:
     grad_accum: int = 1
     mixed_precision: str = "auto"  # "auto": bf16 autocast where the CPU supports it (or on CUDA), else fp32
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    workers: int = 0  # DataLoader worker processes (0: load in the training process)
     checkpoint_every: int = 500  # steps; 0 = only at the end
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last one; 0 = off
     keep_checkpoints: int = 2

@@ -1,7 +1,6 @@
 import threading
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from sdstack.engine.images import pil_to_tensor, resize_image, tensor_to_pil
