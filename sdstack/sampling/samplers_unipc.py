@@ -96,7 +96,7 @@ def _check_options(order: int, variant: str) -> None:
 
 @torch.no_grad()
 def sample_unipc(
-    denoiser, x, sigmas, *, extra=None, callback=None, noise=None, order=3, variant="bh2", lower_order_final=True
+    denoiser, x, sigmas, *, extra=None, callback=None, noise=None, order=3, variant="bh1", lower_order_final=True
 ):
     """UniPC multistep predictor-corrector, B(h) variants, data prediction (Zhao et al. 2023, arXiv 2302.04867)."""
     _check_options(order, variant)
