@@ -157,9 +157,10 @@ def test_variants_and_orders_really_differ():
 # --- properties ---------------------------------------------------------------------------------
 
 
-def test_defaults_are_order_3_bh2():
+def test_defaults_are_order_3_bh1_as_a1111():
+    # A1111's options: uni_pc_order = 3, uni_pc_variant = "bh1"
     eps, noise, sigmas = ToyEps(), noise_tensor(), karras(8, 0.0292, 14.6146)
-    torch.testing.assert_close(run_ours(eps, noise, sigmas), run_ours(eps, noise, sigmas, order=3, variant="bh2"),
+    torch.testing.assert_close(run_ours(eps, noise, sigmas), run_ours(eps, noise, sigmas, order=3, variant="bh1"),
                                atol=0, rtol=0)
 
 
