@@ -94,7 +94,7 @@ class AutoencoderConfig:
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.0))
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
-    init_from: str = ""  # a VAE folder (diffusers layout) to start from
+    init_from: str = ""  # start from: a VAE folder, an autoencoder run folder or one of its checkpoints
 
 
 @dataclass
@@ -114,7 +114,6 @@ class TextEncoderConfig:
     intermediate_size: int = 512
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    max_position_embeddings: int = 32  # prompts longer than this many tokens are cut
     hidden_act: str = "quick_gelu"
 
 
@@ -139,6 +138,8 @@ class SampleConfig:
     steps: int = 20
     cfg_scale: float = 5.0
     sampler: str = "Euler"
+    scheduler: str = "SGM Uniform"  # trailing timesteps, as the model's scheduler config says
+    eval_prompts: int = 0  # with the shapes world: oracle accuracy on this many prompts per suite at each sample
 
 
 @dataclass
