@@ -153,6 +153,7 @@ class Text2ImageConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     vae: str = ""  # the trained VAE: a diffusers VAE folder, or an autoencoder run folder (its final vae/)
+    vae_precision: str = "auto"  # encoding the training images: "auto" (bf16 where supported, 2x faster) or "no"
 
 
 # ---------------------------------------------------------------------------------------------------- mapping
@@ -223,6 +224,8 @@ def validate(cfg) -> None:
                         field="data.resolution")
     if data.source == "folder" and not data.path:
         raise UserError("config: data.path is required when data.source = \"folder\"", field="data.path")
+    if data.source == "folder" and not Path(data.path).is_dir():
+        raise UserError(f"config: data folder not found: {data.path}", field="data.path")
     if isinstance(cfg, Text2ImageConfig):
         n = cfg.noise
         _check_choice(n.prediction_type, PREDICTION_TYPES, "noise.prediction_type")
@@ -231,6 +234,7 @@ def validate(cfg) -> None:
         if n.zero_terminal_snr and n.prediction_type != "v_prediction":
             raise UserError("config: noise.zero_terminal_snr needs noise.prediction_type = \"v_prediction\"",
                             field="noise.zero_terminal_snr")
+        _check_choice(cfg.vae_precision, MIXED_PRECISIONS, "vae_precision")
         if not cfg.vae:
             raise UserError("config: vae (the trained autoencoder folder) is required", field="vae")
 

@@ -1,0 +1,93 @@
+"""`sdstack train ...` as a user runs it: one-line errors (exit 2) before any training, and a two-process
+`accelerate launch` on the CPU that writes the same model format."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdstack.cli import main
+
+from .conftest import tiny_t2i_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args):
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("[run]\nmax_stepz = 3\n", "unknown key 'run.max_stepz'"),
+    ("[run]\nbatch_size = \"big\"\n", "run.batch_size must be int"),
+    ("[data]\nsource = \"folder\"\npath = \"/nonexistent/images\"\n", "data folder not found"),
+])
+def test_bad_autoencoder_config_stops_with_one_line(tmp_path, capsys, body, needle):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[run]\nout = "{tmp_path / "run"}"\n' + body if "[run]" not in body else body)
+    assert cli("train", "autoencoder", "--config", cfg) == 2
+    assert needle in _error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_folder_without_captions_stops_with_one_line(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[run]\nout = "{tmp_path / "run"}"\n[data]\nsource = "folder"\npath = "{tmp_path / "imgs"}"\n'
+                   '[model]\nblock_out_channels = [8, 16]\nnorm_num_groups = 8\n')
+    assert cli("train", "autoencoder", "--config", cfg) == 2
+    assert ".txt caption" in _error_line(capsys)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_text2image_with_missing_vae_stops_with_one_line(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'vae = "{tmp_path / "no-vae"}"\n[run]\nout = "{tmp_path / "run"}"\n')
+    assert cli("train", "text2image", "--config", cfg) == 2
+    assert "no trained VAE" in _error_line(capsys)
+
+
+def test_no_config_and_no_resume(capsys):
+    assert cli("train", "autoencoder") == 2
+    assert "--config" in _error_line(capsys)
+
+
+def _toml(cfg) -> str:
+    from sdstack.train.config import to_toml
+
+    return to_toml(cfg)
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate launcher not installed")
+def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_vae_dir):
+    cfg = tiny_t2i_config(tmp_path / "run", tiny_vae_dir, max_steps=2, checkpoint_every=1, progress=True)
+    (tmp_path / "c.toml").write_text(_toml(cfg))
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "sdstack", "train", "text2image", "--config", str(tmp_path / "c.toml")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout
+    assert run.stdout.count("model written to") == 1  # only the main process reports and exports
+
+    from sdstack.models.loader import load_model
+
+    bundle = load_model(tmp_path / "run" / "model")
+    assert bundle.family == "sd1" and bundle.prediction_type == "v_prediction"

@@ -1,0 +1,95 @@
+"""The trained text2image output is a diffusers folder that sdstack's loader and stock diffusers both load."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdstack.train.text2image import export_model, train_text2image
+
+from .conftest import tiny_t2i_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_vae_dir):
+    out = tmp_path_factory.mktemp("t2i")
+    cfg = tiny_t2i_config(out, tiny_vae_dir, max_steps=2, sample_every=2)
+    result = train_text2image(cfg)
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return out, result
+
+
+def test_run_writes_model_samples_and_loss_curve(trained):
+    out, result = trained
+    assert result["model"] == out / "model"
+    for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/vocab.json", "scheduler/scheduler_config.json"):
+        assert (out / "model" / name).is_file(), name
+    assert (out / "samples" / "step-00000002.png").is_file() and (out / "loss.png").is_file()
+    sched = json.loads((out / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["rescale_betas_zero_snr"] is True
+    assert sched["timestep_spacing"] == "trailing" and sched["_class_name"] == "EulerDiscreteScheduler"
+    assert (out / "checkpoints" / "latest").is_file() and (out / "config.toml").is_file()
+
+
+def test_sdstack_loader_and_engine_generate(trained):
+    from sdstack.engine.generate import generate
+    from sdstack.models.loader import load_model
+    from sdstack.params import make_params
+
+    bundle = load_model(trained[0] / "model")
+    assert bundle.family == "sd1" and bundle.prediction_type == "v_prediction"
+    assert bundle.tokenizers[0].pad_token_id == 49407
+    images = generate(bundle, make_params(prompt="a red circle", steps=2, seed=1)).images
+    assert images[0].size == (32, 32)
+
+
+def test_stock_diffusers_pipeline_loads_and_runs(trained):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained[0] / "model", safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    out = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_fp16_export_halves_weights_and_still_loads(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from sdstack.models.loader import load_model
+
+    dest = export_model(trained[0], tmp_path / "shipped", fp16=True)
+    weights = load_file(next((dest / "unet").glob("*.safetensors")))
+    assert all(t.dtype == torch.float16 for t in weights.values())
+    a, b = load_model(trained[0] / "model"), load_model(dest)
+    w32 = a.unet.conv_in.weight
+    torch.testing.assert_close(b.unet.conv_in.weight, w32.half().float())
+
+
+def test_export_from_a_checkpoint_uses_ema_weights(trained, tmp_path):
+    from sdstack.models.loader import load_model
+    from sdstack.train.checkpoint import load_checkpoint
+
+    dest = export_model(trained[0] / "checkpoints" / "step-00000002", tmp_path / "from-ckpt", fp16=False)
+    shadow = load_checkpoint(trained[0])["ema"]["shadow"]
+    torch.testing.assert_close(load_model(dest).unet.conv_in.weight, shadow["unet.conv_in.weight"])
+    assert not torch.equal(shadow["unet.conv_in.weight"], load_checkpoint(trained[0])["model"]["unet.conv_in.weight"])
+
+
+def test_export_refuses_a_vae_with_another_encoder(trained, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from sdstack.errors import UserError
+
+    other = AutoencoderKL.from_pretrained(trained[0] / "model" / "vae")
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(1.0)
+    other.save_pretrained(tmp_path / "other-vae")
+    with pytest.raises(UserError, match="another encoder"):
+        export_model(trained[0], tmp_path / "x", vae=str(tmp_path / "other-vae"))

@@ -1,0 +1,82 @@
+"""Noise schedule, targets and loss weights against independent references (diffusers' DDPMScheduler, hand
+arithmetic)."""
+
+import math
+
+import pytest
+import torch
+
+from sdstack.train.autoencoder import edge_weights
+from sdstack.train.config import NoiseConfig, Text2ImageConfig
+from sdstack.train.loop import lr_factor
+from sdstack.train.text2image import snr_weights, training_alphas_cumprod
+
+
+def _cfg(**noise):
+    return Text2ImageConfig(vae="v", noise=NoiseConfig(**noise))
+
+
+def test_zero_terminal_snr_schedule_matches_diffusers():
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        rescale_betas_zero_snr=True).alphas_cumprod.double()
+    ours = training_alphas_cumprod(_cfg(zero_terminal_snr=True))
+    assert float(ours[-1]) == 0.0  # training uses the true zero (sampling clamps it)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_plain_schedule_matches_diffusers_and_leaks_signal():
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.double()
+    ours = training_alphas_cumprod(_cfg(zero_terminal_snr=False, prediction_type="epsilon"))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-8)
+    assert 0.06 < math.sqrt(float(ours[-1])) < 0.08  # ~7% of the signal survives the last step
+
+
+def test_v_target_matches_diffusers_velocity():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t = torch.tensor([0, 500, 999])
+    a = training_alphas_cumprod(_cfg()).float()[t].view(3, 1, 1, 1)
+    ours = a.sqrt() * noise - (1 - a).sqrt() * x0
+    torch.testing.assert_close(ours, sched.get_velocity(x0, noise, t), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.sqrt() * x0 + (1 - a).sqrt() * noise, sched.add_noise(x0, noise, t),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("snr, pred, expected", [
+    (1.0, "epsilon", 1.0), (9.0, "epsilon", 5 / 9), (0.5, "epsilon", 1.0),
+    (1.0, "v_prediction", 1.0), (9.0, "v_prediction", 0.5), (0.0, "v_prediction", 1.0), (99.0, "v_prediction", 0.05),
+])
+def test_min_snr_gamma_weights(snr, pred, expected):
+    a = torch.tensor([snr / (1 + snr)], dtype=torch.float64)
+    assert float(snr_weights(a, 5.0, pred)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_min_snr_off_is_plain_mse():
+    assert torch.equal(snr_weights(torch.tensor([0.3, 0.9]), 0.0, "v_prediction"), torch.ones(2))
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.1), (4, 0.5), (9, 1.0), (10, 1.0), (60, 0.55), (110, 0.1),
+                                            (200, 0.1)])
+def test_warmup_then_cosine(step, expected):
+    assert lr_factor(step, warmup=10, total=110, decay="cosine", min_ratio=0.1) == pytest.approx(expected)
+
+
+def test_constant_after_warmup():
+    assert lr_factor(50, 10, 110, "constant", 0.1) == 1.0
+
+
+def test_edge_weights_mark_pixels_next_to_colour_steps():
+    x = -torch.ones(1, 3, 8, 8)
+    assert torch.equal(edge_weights(x, 4.0), torch.ones(1, 1, 8, 8))
+    x[..., 4:] = 1.0  # a vertical edge between columns 3 and 4
+    w = edge_weights(x, 4.0)[0, 0]
+    assert torch.equal(w[:, 2:6], torch.full((8, 4), 5.0))  # the two edge columns, grown by one pixel
+    assert torch.equal(w[:, :2], torch.ones(8, 2)) and torch.equal(w[:, 6:], torch.ones(8, 2))
