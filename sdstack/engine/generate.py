@@ -13,7 +13,7 @@ from PIL import Image
 from ..errors import UserError
 from ..params import LATENT_UPSCALE_MODES, validate
 from ..prompts.conditioning import TextConditioner
-from ..prompts.parser import get_prompt_schedules
+from ..prompts.parser import get_prompt_schedules, split_and
 from ..sampling.denoisers import DiscreteSchedule
 from ..sampling.registry import get_sigmas, resolve_sampler
 from ..sampling.rng import ImageRNG
@@ -79,6 +79,10 @@ class _Job:
     def schedules(self, prompt: str, steps: int):
         return [(end, self.cond(text)) for end, text in get_prompt_schedules([prompt], steps)[0]]
 
+    def composed(self, prompt: str, steps: int):
+        """The prompt's AND sub-prompts as (weight, schedule) pairs (one pair, weight 1, without AND)."""
+        return [(weight, self.schedules(sub, steps)) for sub, weight in split_and(prompt)]
+
     def sample(self, x, sigmas, rng, pos, neg, time_ids):
         sampler, _ = resolve_sampler(self.p.sampler_name, self.p.scheduler)
         den = CFGDenoiser(self.bundle, pos, neg, self.p.cfg_scale, time_ids)
@@ -142,7 +146,7 @@ def _hires(job: _Job, latents, seeds, subseeds, w, h, pos_prompt, neg_prompt):
     sigmas = _img2img_sigmas(bundle, p, steps, p.denoising_strength, fixed_steps=True)
     rng = _rng(bundle, p, seeds, subseeds, tw, th)
     x = up + rng.first() * sigmas[0]
-    pos = [job.schedules(pos_prompt, steps)] * len(seeds)
+    pos = [job.composed(pos_prompt, steps)] * len(seeds)
     neg = [job.schedules(neg_prompt, steps)] * len(seeds)
     return job.sample(x, sigmas, rng, pos, neg, _time_ids(bundle, th, tw)), (tw, th)
 
@@ -193,7 +197,7 @@ def generate(bundle, params, *, init_images: list | None = None, lora_dir=None, 
 def _one_batch(job: _Job, seeds, subseeds, w, h, prompt, negative, init_images):
     p, bundle = job.p, job.bundle
     b = len(seeds)
-    pos = [job.schedules(prompt, p.steps)] * b
+    pos = [job.composed(prompt, p.steps)] * b
     neg = [job.schedules(negative, p.steps)] * b
     rng = _rng(bundle, p, seeds, subseeds, w, h)
     if init_images:

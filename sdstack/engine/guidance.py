@@ -42,10 +42,17 @@ def pick(schedule: list[tuple[int, Cond]], step: int) -> Cond:
     return schedule[-1][1]
 
 
-class CFGDenoiser:
-    """denoised = uncond + scale * (cond - uncond), with per-image, per-step conditioning."""
+Schedule = list[tuple[int, Cond]]
 
-    def __init__(self, bundle, pos: list[list[tuple[int, Cond]]], neg: list[list[tuple[int, Cond]]],
+
+class CFGDenoiser:
+    """denoised = uncond + scale * sum_k w_k (cond_k - uncond), with per-image, per-step conditioning.
+
+    `pos[i]` is image i's list of (weight, schedule) sub-prompts (A1111's composable `AND`; usually one with
+    weight 1, the plain CFG case); `neg[i]` is its negative prompt's schedule.
+    """
+
+    def __init__(self, bundle, pos: list[list[tuple[float, Schedule]]], neg: list[Schedule],
                  cfg_scale: float, time_ids: torch.Tensor | None = None):
         self.inner = make_denoiser(unet_model_fn(bundle), bundle.alphas_cumprod, bundle.prediction_type)
         self.pos, self.neg, self.scale, self.time_ids = pos, neg, float(cfg_scale), time_ids
@@ -64,7 +71,10 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         sigma = sigma * x.new_ones([b]) if sigma.ndim == 0 else sigma
-        pos = [pick(s, self.step) for s in self.pos]
+        subs = [[(w, pick(s, self.step)) for w, s in parts] for parts in self.pos]
+        if any(len(parts) != 1 or parts[0][0] != 1.0 for parts in subs):
+            return self._composable(x, sigma, subs)
+        pos = [parts[0][1] for parts in subs]
         if self.scale == 1.0:
             return self._run(x, sigma, pos)
         neg = [pick(s, self.step) for s in self.neg]
@@ -79,3 +89,15 @@ class CFGDenoiser:
             cond = torch.cat([self._run(x[i : i + 1], sigma[i : i + 1], [pos[i]]) for i in range(b)])
             uncond = torch.cat([self._run(x[i : i + 1], sigma[i : i + 1], [neg[i]]) for i in range(b)])
         return uncond + (cond - uncond) * self.scale
+
+    def _composable(self, x, sigma, subs) -> torch.Tensor:
+        """A1111's composable diffusion: each AND sub-prompt pulls away from uncond by its weight."""
+        b = x.shape[0]
+        neg = [pick(s, self.step) for s in self.neg]
+        uncond = torch.cat([self._run(x[i : i + 1], sigma[i : i + 1], [neg[i]]) for i in range(b)])
+        out = uncond.clone()
+        for i in range(b):
+            for weight, cond in subs[i]:
+                delta = self._run(x[i : i + 1], sigma[i : i + 1], [cond]) - uncond[i : i + 1]
+                out[i : i + 1] += delta * (weight * self.scale)
+        return out

@@ -143,3 +143,22 @@ def test_cfg_in_one_batch_or_two_passes_gives_the_same_image(sd1, monkeypatch):
     monkeypatch.setattr(guidance, "batch_cond_uncond_default", lambda x: False)
     two = arr(run(sd1).images[0])
     assert np.abs(one - two).max() <= 1
+
+
+def test_composable_and_matches_hand_combination(sd1):
+    """A1111's AND: uncond + scale * sum_k w_k (cond_k - uncond); checked on one denoiser call."""
+    import torch
+
+    from sdstack.engine.guidance import CFGDenoiser
+    from sdstack.prompts.conditioning import TextConditioner
+
+    tc = TextConditioner(sd1)
+    a, b, neg = tc("a red star"), tc("a blue circle"), tc("")
+    x, sigma = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3.0])
+    den = CFGDenoiser(sd1, [[(1.2, [(99, a)]), (0.5, [(99, b)])]], [[(99, neg)]], 7.0)
+    got = den(x, sigma)
+    single = lambda c: CFGDenoiser(sd1, [[(1.0, [(99, c)])]], [[(99, c)]], 1.0)(x, sigma)  # noqa: E731
+    ua, ub, un = single(a), single(b), single(neg)
+    torch.testing.assert_close(got, un + 7.0 * (1.2 * (ua - un) + 0.5 * (ub - un)), rtol=1e-4, atol=1e-5)
+    r = run(sd1, prompt="a red star :1.2 AND a blue circle :0.5")
+    assert r.images[0].size == (64, 64)
