@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
+from PIL import Image
 
 from ..models.hashing import HashCache
 
@@ -151,15 +152,15 @@ class FeatureCache:
 # ---------------------------------------------------------------------------------------------------- datasets
 
 
-def latent_cache_conflicts(index) -> list[str]:
-    """Why the latents of a DatasetIndex cannot be cached (random crops / flips change the pixels every
-    epoch; kohya refuses the same); empty when they can."""
+def latent_cache_conflicts(index, flips_cached: bool = False) -> list[str]:
+    """Why the latents of a DatasetIndex cannot be cached (random crops change the pixels every epoch; so do
+    flips, unless both orientations are cached); empty when they can. kohya refuses the same."""
     out = []
     for sub in index.subsets:
         name = sub.image_dir or sub.metadata_file
         if sub.random_crop:
             out.append(f"{name}: random_crop is on")
-        if sub.flip_aug:
+        if sub.flip_aug and not flips_cached:
             out.append(f"{name}: flip_aug is on")
     return out
 
@@ -176,30 +177,34 @@ def text_cache_conflicts(index) -> list[str]:
 
 
 def cache_latents(index, cache: FeatureCache, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str,
-                  *, batch_size: int = 4, **settings) -> list[str]:
-    """Encode every item of a DatasetIndex (centred crop, no flip) through `encode` (pixels [-1, 1] B x 3 x H x W
-    -> latents), skipping items already cached; returns the key of each item, in item order.
-
-    Items are batched by bucket; `settings` (e.g. dtype, scaling) become part of every key."""
+                  *, batch_size: int = 4, flipped: bool = False, **settings) -> list[str]:
+    """Encode every item of a DatasetIndex (centred crop; mirrored with `flipped`) through `encode` (CPU pixels
+    in [-1, 1], B x 3 x H x W -> latents; move them to the device inside), skipping items already cached;
+    returns the key of each item, in item order. Items are batched by bucket; `settings` (e.g. dtype) become
+    part of every key."""
     from .buckets import crop_info
     from .dataset import load_image, to_tensor
 
     keys: list[str] = []
-    todo: dict[tuple[int, int], list[tuple[int, str]]] = {}
+    todo: dict[tuple[int, int], dict[str, int]] = {}  # bucket -> {key: item index}
     for i, item in enumerate(index.items):
-        key = cache.latent_key(item.path, crop_info(item.assignment).as_dict(), vae_id, **settings)
+        geometry = crop_info(item.assignment, flipped=flipped).as_dict()
+        key = cache.latent_key(item.path, geometry, vae_id, **settings)
         keys.append(key)
         if key in cache:
             cache.hits += 1
         else:
-            todo.setdefault(item.bucket, []).append((i, key))
+            todo.setdefault(item.bucket, {}).setdefault(key, i)
     for group in todo.values():
-        for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
-            pixels = torch.stack([to_tensor(load_image(index, i)[0]) for i, _ in chunk])
+        pending = list(group.items())
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            images = [load_image(index, i)[0] for _, i in chunk]
+            if flipped:
+                images = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
             with torch.no_grad():
-                latents = encode(pixels)
-            for (_, key), lat in zip(chunk, latents):
+                latents = encode(torch.stack([to_tensor(im) for im in images]))
+            for (key, _), lat in zip(chunk, latents):
                 cache.misses += 1
                 cache.save(key, {"latents": lat.detach().to("cpu").clone()})
     return keys

@@ -28,13 +28,14 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError
 from .buckets import (BucketAssignment, CropInfo, Size, bucket_batches, check_bucket_settings, make_buckets,
                       parse_resolution, resize_and_crop, select_bucket, select_bucket_no_upscale)
-from .dataset_config import (DataConfig, DatasetConfig, SubsetConfig, data_config_from_dict, folder_config,
-                             load_data_config, parse_repeat_folder)
+from .dataset_config import (DataConfig, DatasetConfig, SubsetConfig, data_config_from_dict, data_config_to_toml,
+                             folder_config, load_data_config, parse_repeat_folder)
 from .folder import IMAGE_EXTENSIONS
 
-__all__ = ["DataConfig", "DatasetConfig", "SubsetConfig", "data_config_from_dict", "folder_config",
+__all__ = ["DataConfig", "DatasetConfig", "SubsetConfig", "data_config_from_dict", "data_config_to_toml",
+           "folder_config",
            "load_data_config", "parse_repeat_folder", "Item", "SubsetReport", "DatasetIndex", "build_index",
-           "process_caption", "sample_rng", "Sample", "load_image", "load_sample", "to_tensor"]
+           "process_caption", "sample_rng", "Sample", "load_image", "load_sample", "to_tensor", "collate_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +102,38 @@ class DatasetIndex:
     subsets: list[SubsetConfig]
     reports: list[SubsetReport]
     buckets: list[list[Size]]  # per dataset: the predefined buckets (empty with bucket_no_upscale)
+    _repeats: list[int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _is_reg(self, it: Item) -> bool:
+        return self.subsets[it.subset].is_reg
+
+    @property
+    def epoch_repeats(self) -> list[int]:
+        """How often each item is drawn per epoch: `repeats` for training images; regularisation images are
+        repeated to match the training-image count of their dataset (kohya's DreamBooth balancing)."""
+        if self._repeats is None:
+            self._repeats = [0 if self._is_reg(it) else it.repeats for it in self.items]
+            for d in range(len(self.config.datasets)):
+                _balance_reg(self, d, self._repeats)
+        return self._repeats
+
     @property
     def num_train_images(self) -> int:
         """Images x repeats of the non-regularisation subsets (kohya's count)."""
-        return sum(it.repeats for it in self.items if not self.subsets[it.subset].is_reg)
+        return sum(n for it, n in zip(self.items, self.epoch_repeats) if not self._is_reg(it))
 
     @property
     def num_reg_images(self) -> int:
-        return sum(it.repeats for it in self.items if self.subsets[it.subset].is_reg)
+        """Regularisation draws per epoch, after balancing."""
+        return sum(n for it, n in zip(self.items, self.epoch_repeats) if self._is_reg(it))
 
     def repeated(self, dataset: int | None = None) -> list[int]:
-        """Item indices with each item listed `repeats` times: one epoch."""
-        return [i for i, it in enumerate(self.items) if dataset in (None, it.dataset) for _ in range(it.repeats)]
+        """Item indices, each listed as often as it is drawn per epoch (`epoch_repeats`): one epoch."""
+        return [i for i, (it, n) in enumerate(zip(self.items, self.epoch_repeats)) if dataset in (None, it.dataset)
+                for _ in range(n)]
 
     def batches(self, dataset: int, seed: int, epoch: int) -> list[list[int]]:
         """One epoch of `dataset` as batches of item indices sharing a bucket (deterministic in seed, epoch)."""
@@ -124,6 +141,13 @@ class DatasetIndex:
         size = self.config.datasets[dataset].batch_size
         chunks = bucket_batches([self.items[i].bucket for i in order], size, seed, epoch)
         return [[order[p] for p in chunk] for chunk in chunks]
+
+    def batch_at(self, dataset: int, seed: int, k: int) -> tuple[int, list[int]]:
+        """(epoch, item indices) of the k-th batch of `dataset` counted over all epochs: a pure function of
+        (seed, k), so a resumed run draws exactly the batches the uninterrupted run would have."""
+        per_epoch = len(self.batches(dataset, seed, 0))  # the count depends only on the bucket sizes
+        epoch, j = divmod(k, per_epoch)
+        return epoch, self.batches(dataset, seed, epoch)[j]
 
     def kohya_metadata(self) -> dict[str, str]:
         """ss_* dataset metadata as kohya writes it into LoRA files (values are strings)."""
@@ -140,12 +164,31 @@ class DatasetIndex:
                         if tag:
                             freq[tag] = freq.get(tag, 0) + 1
         bucket_counts: dict[str, int] = {}
-        for it in self.items:
+        for it, n in zip(self.items, self.epoch_repeats):
             key = f"{it.bucket[0]}x{it.bucket[1]}"
-            bucket_counts[key] = bucket_counts.get(key, 0) + it.repeats
+            bucket_counts[key] = bucket_counts.get(key, 0) + n
         return {"ss_num_train_images": str(self.num_train_images), "ss_num_reg_images": str(self.num_reg_images),
                 "ss_dataset_dirs": json.dumps(dirs), "ss_reg_dataset_dirs": json.dumps(reg_dirs),
                 "ss_tag_frequency": json.dumps(tags), "ss_bucket_info": json.dumps({"buckets": bucket_counts})}
+
+
+def _balance_reg(index: DatasetIndex, dataset: int, repeats: list[int]) -> None:
+    """kohya: regularisation images are taken in order with their own repeats until they reach the dataset's
+    training-image count (later ones may get none), then given one more repeat each, round-robin, until they
+    do. Fills `repeats` for the dataset's regularisation items in place."""
+    reg = [i for i, it in enumerate(index.items) if it.dataset == dataset and index._is_reg(it)]
+    target = sum(repeats[i] for i, it in enumerate(index.items) if it.dataset == dataset)
+    if not reg or target == 0:
+        return
+    n, first = 0, True
+    while n < target:
+        for i in reg:
+            step = index.items[i].repeats if first else 1
+            repeats[i] += step
+            n += step
+            if n >= target:
+                break
+        first = False
 
 
 def _image_size(path: Path) -> Size | None:
@@ -213,7 +256,8 @@ def _subset_sources(sub: SubsetConfig) -> tuple[list[tuple[Path, str | None]], s
 def _caption_for(path: Path, meta_caption: str | None, sub: SubsetConfig) -> tuple[str, str]:
     if meta_caption is not None:
         return meta_caption.strip(), "metadata"
-    cap = path.with_suffix(sub.caption_extension)
+    ext = sub.caption_extension
+    cap = path.with_suffix(ext if ext.startswith(".") else "." + ext)  # "txt" means ".txt"
     if cap.is_file():
         text = cap.read_text(encoding="utf-8", errors="replace").strip()
         return text.splitlines()[0].strip() if text else "", "file"  # kohya: first line
@@ -369,10 +413,21 @@ def to_tensor(image: Image.Image):
 
 
 def load_sample(index: DatasetIndex, i: int, *, seed: int = 0, epoch: int = 0, position: int | None = None) -> Sample:
-    """Pixels, processed caption and crop info for item `i`, deterministic in (seed, epoch, position)."""
+    """Pixels, processed caption and crop info for item `i`, deterministic in (seed, epoch, position).
+
+    `position` tells apart the draws of one item within an epoch (it appears `repeats` times): any number
+    unique to the draw, e.g. batch number * batch size + slot; default: the item index."""
     rng = sample_rng(seed, epoch, i if position is None else position)
     image, crop = load_image(index, i, rng)
     item = index.items[i]
     caption = process_caption(item.caption, index.subsets[item.subset], rng)
     return Sample(pixels=to_tensor(image), caption=caption, crop=crop, index=i)
 
+
+def collate_samples(samples: list[Sample]) -> dict:
+    """A batch (one bucket): pixels B x 3 x H x W, captions, SDXL time ids B x 6 (float), item indices."""
+    import torch
+
+    return {"pixels": torch.stack([s.pixels for s in samples]), "captions": [s.caption for s in samples],
+            "time_ids": torch.tensor([s.crop.time_ids() for s in samples], dtype=torch.float32),
+            "crops": [s.crop for s in samples], "indices": [s.index for s in samples]}

@@ -19,6 +19,7 @@ accepted at their kohya default (so existing files load) and refused with a clea
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tomllib
 from dataclasses import dataclass, field
@@ -194,3 +195,33 @@ def folder_config(root: str | Path, **options) -> DataConfig:
     if not raw_subsets:
         raw_subsets = [{"image_dir": str(root)}]
     return data_config_from_dict({"general": options, "datasets": [{"subsets": raw_subsets}]})
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+_ALWAYS = ("image_dir", "caption_extension", "resolution")  # kohya's defaults differ (".caption") or are absent
+
+
+def _changed(obj, keys: dict) -> list[str]:
+    return [f"{k} = {_toml_value(getattr(obj, k))}" for k, f in keys.items()
+            if k in _ALWAYS or getattr(obj, k) != _default_of(f)]
+
+
+def data_config_to_toml(cfg: DataConfig) -> str:
+    """The config in kohya's TOML shape, non-default values only (a config that uses only kohya keys stays
+    readable by sd-scripts); `load_data_config` reads it back to an equal DataConfig."""
+    lines: list[str] = []
+    for ds in cfg.datasets:
+        lines += ["[[datasets]]", *_changed(ds, _DATASET_KEYS)]
+        for sub in ds.subsets:
+            lines += ["", "  [[datasets.subsets]]", *("  " + x for x in _changed(sub, _SUBSET_KEYS))]
+        lines.append("")
+    return "\n".join(lines)

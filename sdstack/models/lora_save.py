@@ -75,7 +75,9 @@ class KohyaNamer:
         self.ldm = ldm_unet_module_names(bundle.unet) if bundle.family == "sdxl" else {}
 
     def module(self, comp: str, path: str) -> torch.nn.Module:
-        return _find_module(_component(self.bundle, comp), path)[1]
+        """The layer at `path`; inside a peft-wrapped model, the wrapped original layer."""
+        module = _find_module(_component(self.bundle, comp), path)[1]
+        return getattr(module, "base_layer", module)
 
     def name(self, comp: str, path: str) -> str:
         real, _ = _find_module(_component(self.bundle, comp), path)

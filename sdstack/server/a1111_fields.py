@@ -149,5 +149,6 @@ def check_inert(kind: str, body: dict, sampler) -> None:
     ctx = {"body": body, "sampler": sampler, "kind": kind}
     for f in fields_for(kind):
         if f.inert is not None and not f.inert(body.get(f.name), ctx):
-            raise UserError(f"{f.name}={body.get(f.name)!r} is not supported by sdstack yet; accepted: {f.allowed}",
-                            field=f.name)
+            shown = repr(body.get(f.name))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise UserError(f"{f.name}={shown} is not supported by sdstack yet; accepted: {f.allowed}", field=f.name)

@@ -101,7 +101,7 @@ class AutoencoderConfig:
 class UNetConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
-    attention_head_dim: int = 8
+    attention_head_dim: int = 4  # diffusers (SD 1.x legacy) reads this as the number of heads
     cross_attention_dim: int = 128
     norm_num_groups: int = 16
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")

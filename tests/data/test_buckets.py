@@ -8,8 +8,8 @@ import random
 import pytest
 from PIL import Image
 
-from sdstack.data.buckets import (CropInfo, bucket_batches, crop_info, make_buckets, resize_and_crop, select_bucket,
-                                  select_bucket_no_upscale)
+from sdstack.data.buckets import (CropInfo, bucket_batches, crop_info, crop_offsets, make_buckets, resize_and_crop,
+                                  select_bucket, select_bucket_no_upscale)
 from sdstack.errors import UserError
 
 
@@ -86,6 +86,7 @@ def test_resize_and_centre_crop_records_sdxl_crop_info():
                             resized_size=(32, 96))
     assert info.time_ids() == [40, 120, 0, 16, 32, 64]
     assert crop_info(a) == info
+    assert crop_offsets((81, 55), (80, 48)) == (3, 0)  # kohya: excess // 2 on each axis (7 // 2, 1 // 2)
 
 
 def test_random_crop_and_flip():

@@ -95,6 +95,10 @@ def test_latents_are_reused_across_runs_and_invalidated_on_change(tmp_path):
     assert enc.images == 13
     cache_latents(index, FeatureCache(tmp_path / "cache"), enc, vae_id="vae-A", dtype="float16")  # settings
     assert enc.images == 17
+    mirrored = cache_latents(index, FeatureCache(tmp_path / "cache"), enc, vae_id="vae-A", flipped=True)
+    assert enc.images == 21 and not set(mirrored) & set(keys3)
+    lat = FeatureCache(tmp_path / "cache").load(mirrored[1])["latents"]  # 48x32 green -> 32x32 crop
+    torch.testing.assert_close(lat, FeatureCache(tmp_path / "cache").load(keys3[1])["latents"])  # uniform colour
 
 
 def test_text_outputs_cached_once_per_distinct_caption(tmp_path):
@@ -129,9 +133,11 @@ def test_cache_conflicts_name_the_options(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     index = build_index(_dataset(tmp_path))
     assert latent_cache_conflicts(index) == [] and text_cache_conflicts(index) == []
+    index.subsets[0].flip_aug = True
+    assert len(latent_cache_conflicts(index)) == 1 and latent_cache_conflicts(index, flips_cached=True) == []
     index.subsets[0].random_crop = True
     index.subsets[0].shuffle_caption = True
-    assert ["random_crop" in c for c in latent_cache_conflicts(index)] == [True]
+    assert ["random_crop" in c for c in latent_cache_conflicts(index, flips_cached=True)] == [True]
     assert ["shuffle_caption" in c for c in text_cache_conflicts(index)] == [True]
 
 
@@ -142,3 +148,35 @@ def test_garbage_entries_are_misses(tmp_path, bad):
     cache.path(key).parent.mkdir(parents=True)
     cache.path(key).write_bytes(bad)
     assert cache.load(key) is None and key not in cache
+
+
+def test_tiny_vae_latents_round_trip_through_the_cache(tmp_path):
+    from sdstack.models.tiny import tiny_bundle
+
+    vae = tiny_bundle("sd1").vae
+    im = Image.new("RGB", (48, 16), (10, 200, 90))
+    im.paste((250, 20, 20), (0, 0, 16, 16))  # a red left third: flips are visible
+    im.save(tmp_path / "a.png")
+    index = build_index(DataConfig([DatasetConfig(subsets=[SubsetConfig(image_dir=str(tmp_path))], resolution=32,
+                                                  enable_bucket=True, min_bucket_reso=16, max_bucket_reso=64,
+                                                  bucket_reso_steps=16)]))
+    assert index.items[0].bucket == (48, 16)  # exact size is a bucket: no resize, no crop
+
+    def encode(px):
+        return vae.encode(px).latent_dist.mean * vae.config.scaling_factor
+
+    cache = FeatureCache(tmp_path / "cache")
+    key = cache_latents(index, cache, encode, vae_id=module_fingerprint(vae))[0]
+    from sdstack.data.dataset import load_sample
+
+    with torch.no_grad():
+        want = encode(load_sample(index, 0).pixels[None])[0]
+    got = FeatureCache(tmp_path / "cache").load(key)["latents"]
+    assert got.shape == (4, 4, 12)
+    torch.testing.assert_close(got, want)
+    key_m = cache_latents(index, cache, encode, vae_id=module_fingerprint(vae), flipped=True)[0]
+    with torch.no_grad():
+        want_m = encode(load_sample(index, 0).pixels[None].flip(-1))[0]
+    got_m = FeatureCache(tmp_path / "cache").load(key_m)["latents"]
+    torch.testing.assert_close(got_m, want_m)
+    assert not torch.allclose(got_m, got, atol=1e-2)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdstack.data.dataset import (DataConfig, DatasetConfig, SubsetConfig, build_index, data_config_from_dict,
-                                  folder_config, load_data_config, load_sample, parse_repeat_folder, process_caption)
+from sdstack.data.dataset import (DataConfig, DatasetConfig, SubsetConfig, build_index, collate_samples,
+                                  data_config_from_dict, data_config_to_toml, folder_config, load_data_config,
+                                  load_sample, parse_repeat_folder, process_caption)
 from sdstack.errors import UserError
 
 # resolution 64, sides 32..128, step 16: buckets (by hand, see test_buckets) include (80, 48), (64, 64), (48, 80)
@@ -75,6 +76,7 @@ def test_plain_folder_is_one_subset(tmp_path):
     cfg = folder_config(tmp_path, caption_extension=".txt", resolution=64)
     assert len(cfg.datasets[0].subsets) == 1 and cfg.datasets[0].subsets[0].num_repeats == 1
     assert build_index(cfg).items[0].bucket == (64, 64)  # buckets off (kohya default): one square bucket
+    assert build_index(folder_config(tmp_path, caption_extension="txt")).items[0].caption == "x"
 
 
 def test_metadata_jsonl(tmp_path, caplog):
@@ -91,6 +93,29 @@ def test_metadata_jsonl(tmp_path, caplog):
     (tmp_path / "imgs" / "metadata.jsonl").write_text('{"file_name": "a.png"}\nnot json\n')
     with pytest.raises(UserError, match="line 2"):
         build_index(_one(tmp_path / "imgs"))
+
+
+def test_kohya_finetune_json(tmp_path):
+    _image(tmp_path / "imgs" / "a.png")
+    _image(tmp_path / "imgs" / "b.jpg", caption="from the sidecar")
+    meta = {"a": {"caption": "a photo", "tags": "red, square"}, "b.jpg": {"tags": ""}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    cfg = data_config_from_dict({"datasets": [{"subsets": [{"image_dir": "imgs", "metadata_file": "meta.json"}]}]},
+                                base_dir=tmp_path)
+    index = build_index(cfg)
+    assert [(it.path.name, it.caption) for it in index.items] == [("a.png", "a photo, red, square"),
+                                                                 ("b.jpg", "from the sidecar")]
+
+
+def test_kohya_options_without_an_implementation(tmp_path, caplog):
+    raw = {"general": {"color_aug": False, "caption_dropout_every_n_epochs": 0},
+           "datasets": [{"subsets": [{"image_dir": "x", "token_warmup_step": 0}]}]}
+    with caplog.at_level(logging.INFO):
+        assert data_config_from_dict(raw).datasets[0].subsets[0].image_dir == "x"
+    assert "ignoring color_aug" in caplog.text
+    raw["general"]["color_aug"] = True
+    with pytest.raises(UserError, match="kohya option color_aug = True in \\[general\\] is not supported"):
+        data_config_from_dict(raw)
 
 
 def test_toml_config_general_values_ascend(tmp_path):
@@ -134,11 +159,50 @@ resolution = [96, 64]
     assert s0.image_dir == str(tmp_path / "one") and s0.num_repeats == 4 and s0.class_tokens == "sks"
     assert s0.shuffle_caption and s0.keep_tokens == 1 and s1.keep_tokens == 3 and s1.caption_dropout_rate == 0.1
     assert d1.subsets[0].is_reg and d1.subsets[0].shuffle_caption
+    saved = tmp_path / "saved" / "resolved.toml"  # saved with a run; absolute paths, so it loads from anywhere
+    saved.parent.mkdir()
+    saved.write_text(data_config_to_toml(cfg))
+    assert load_data_config(saved) == cfg
+    assert "min_bucket_reso = 32" in saved.read_text() and "caption_column" not in saved.read_text()
     index = build_index(cfg)
-    assert index.num_train_images == 5 and index.num_reg_images == 1
     assert [it.dataset for it in index.items] == [0, 0, 1]
+    assert index.num_train_images == 5 and index.num_reg_images == 0  # reg images balance to 0 training images
     batches = index.batches(0, seed=0, epoch=0)
     assert sorted(i for b in batches for i in b) == [0, 0, 0, 0, 1] and all(len(b) <= 2 for b in batches)
+
+
+def _reg_index(tmp_path, reg_repeats: int):
+    for i in range(2):
+        _image(tmp_path / "train" / f"t{i}.png", caption="sks dog")
+    for i in range(3):
+        _image(tmp_path / "reg" / f"r{i}.png", caption="dog")
+    return build_index(data_config_from_dict({"datasets": [{"subsets": [
+        {"image_dir": "train", "num_repeats": 10}, {"image_dir": "reg", "num_repeats": reg_repeats, "is_reg": True}]}]},
+        base_dir=tmp_path))
+
+
+def test_regularisation_images_balance_to_the_training_count(tmp_path):
+    # kohya: 20 training draws; 3 reg images x 1 = 3, then +1 round-robin until 20: 7, 7, 6
+    index = _reg_index(tmp_path, reg_repeats=1)
+    assert index.epoch_repeats == [10, 10, 7, 7, 6]
+    assert (index.num_train_images, index.num_reg_images) == (20, 20) and len(index.repeated()) == 40
+    # reg repeats 10: the first two already reach 20 and the third is not used (kohya's loop stops)
+    assert _reg_index(tmp_path / "b", reg_repeats=10).epoch_repeats == [10, 10, 10, 10, 0]
+
+
+def test_batch_at_is_a_pure_function_of_seed_and_k(tmp_path):
+    for i, size in enumerate([(96, 64), (96, 64), (64, 64), (64, 96), (96, 64)]):
+        _image(tmp_path / f"{i}.png", size=size, caption=f"c{i}")
+    cfg = _one(tmp_path, batch_size=2)
+    index = build_index(cfg)
+    per_epoch = index.batches(0, seed=5, epoch=0)
+    assert len(per_epoch) == 2 + 1 + 1  # buckets of 3, 1 and 1 images
+    assert [index.batch_at(0, 5, k) for k in range(4)] == [(0, b) for b in per_epoch]
+    assert index.batch_at(0, 5, 6) == (1, index.batches(0, seed=5, epoch=1)[2])
+    assert build_index(cfg).batch_at(0, 5, 9) == index.batch_at(0, 5, 9)  # a fresh index (a resumed run) agrees
+    epoch, batch = index.batch_at(0, 5, 0)
+    out = collate_samples([load_sample(index, i, seed=5, epoch=epoch, position=p) for p, i in enumerate(batch)])
+    assert out["pixels"].shape[0] == len(batch) and out["time_ids"].shape == (len(batch), 6)
 
 
 @pytest.mark.parametrize("raw, match", [

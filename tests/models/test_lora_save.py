@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 
 import pytest
@@ -193,6 +194,8 @@ def test_peft_adapter_saved_as_kohya_gives_the_peft_output(sd1, tmp_path, varian
     else:  # rsLoRA scale alpha / sqrt(r) = kohya alpha' / r  ->  alpha' = alpha * sqrt(r); to_k: 3 * 2
         k = next(a for (c, n), (_, _, a) in mods.items() if n.endswith("attn1.to_k"))
         assert k == pytest.approx(6.0) and mods[("unet", "down_blocks.0.attentions.0.proj_in")][2] == 16.0
+    in_place = kohya_state_dict(dataclasses.replace(sd1, unet=unet, text_encoders=[te]), mods)  # trainer's case
+    assert {k: v.shape for k, v in in_place.items()} == {k: v.shape for k, v in kohya_state_dict(sd1, mods).items()}
     meta = kohya_training_metadata(sd1, mods, output_name="peft")
     assert meta["ss_network_dim"] == "Dynamic"
     path = save_kohya_lora(tmp_path / "peft.safetensors", sd1, mods, metadata=meta)

@@ -84,3 +84,17 @@ def test_path_traversal_over_the_wire(server, path):
     port, _ = server
     auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     assert _raw_get(port, path, auth) in (400, 404)
+
+
+def test_generated_file_is_served_over_the_wire(server, api):
+    import base64
+
+    import requests
+
+    port, _ = server
+    api.txt2img(prompt="served", width=64, height=64, seed=12)
+    items = requests.get(f"http://127.0.0.1:{port}/api/v1/images", params={"q": "served"},
+                         auth=(USER, PASSWORD), timeout=10).json()["items"]
+    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    assert _raw_get(port, items[0]["url"], auth) == 200
+    assert _raw_get(port, items[0]["url"], base64.b64encode(b"alice:wrong").decode()) == 401
