@@ -4,7 +4,7 @@
 #   2. its decoder trained further with the encoder frozen (stronger edge weight)
 #   3. the round trip validated with the shapes oracle (>= 98% on every suite, else stop)
 #   4. text2image (UNet + CLIP text encoder from scratch; zero terminal SNR, v-prediction, min-SNR, EMA)
-#   5. export to sdstack/builtin/shapes-v1 as fp16 safetensors
+#   5. export to sdstack/builtin/shapes-v1 as fp16 safetensors, then score it with `sdstack eval`
 # Every stage checkpoints; running the script again resumes where it stopped and skips finished stages.
 #
 #   scripts/train_shapes_v1.sh            (PYTHON=/path/to/python to pick the interpreter)
@@ -29,3 +29,4 @@ if [ ! -f "$RUNS/t2i/model/model_index.json" ]; then
 fi
 "$PY" -m sdstack train export "$RUNS/t2i" sdstack/builtin/shapes-v1 --fp16
 echo "shapes-v1 written to sdstack/builtin/shapes-v1"
+"$PY" -m sdstack eval --model sdstack/builtin/shapes-v1 --seeds 4 --out "$RUNS/eval" || echo "(evaluation failed)"

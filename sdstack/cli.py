@@ -72,8 +72,21 @@ def _register_optional_groups() -> None:
     try:
         from .train.cli import train
     except ImportError:
-        return
-    cli.add_command(train)
+        pass
+    else:
+        cli.add_command(train)
+    try:
+        from .server.cli import serve
+    except ImportError:
+        pass
+    else:
+        cli.add_command(serve)
+    try:
+        from .eval.cli import eval_command
+    except ImportError:
+        pass
+    else:
+        cli.add_command(eval_command)
 
 
 _register_optional_groups()

@@ -105,4 +105,5 @@ def latent_preview(bundle, latents: torch.Tensor) -> Image.Image:
     proj = preview_projection(bundle)
     z = latents[0].float().cpu()
     rgb = torch.einsum("chw,cr->rhw", torch.cat([z, torch.ones_like(z[:1])]), proj)
-    return tensor_to_pil(rgb.unsqueeze(0))[0]
+    rgb = torch.nn.functional.interpolate(rgb.unsqueeze(0), scale_factor=bundle.vae_scale_factor, mode="nearest")
+    return tensor_to_pil(rgb)[0]

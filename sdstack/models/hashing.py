@@ -69,6 +69,17 @@ class HashCache:
             self._save()
         return value
 
+    def peek(self, path: str | Path, kind: str = "sha256") -> str | None:
+        """The cached hash if it is still valid (same size and mtime); never reads the file."""
+        p = Path(path).resolve()
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        with _lock:
+            hit = self._load().get(f"{kind}:{p}")
+        return hit["hash"] if hit and hit["size"] == st.st_size and hit["mtime"] == st.st_mtime else None
+
     def _save(self) -> None:
         if not self.cache_file:
             return

@@ -9,7 +9,7 @@ it and answers in A1111's shape: {images: [base64 PNG with infotext], parameters
 import base64
 import json
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
@@ -84,18 +84,31 @@ def progress_body(state: AppState, skip_current_image: bool) -> dict:
             "current_image": image, "textinfo": text}
 
 
+async def note_ignored(request: Request, response: Response, model) -> None:
+    """Fields A1111 does not know either are ignored (as its pydantic models do); name them in a header."""
+    try:
+        raw = await request.json()
+    except ValueError:
+        return
+    unknown = sorted(set(raw) - set(model.model_fields)) if isinstance(raw, dict) else []
+    if unknown:
+        response.headers["X-Sdstack-Ignored-Fields"] = ",".join(unknown)[:2000]
+
+
 def a1111_router(state: AppState) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible API"])
     Txt2Img, Img2Img = a1111_request_model("txt2img"), a1111_request_model("img2img")
 
     @router.post("/txt2img", response_model=GenerationResponse)
-    async def txt2img(req: Txt2Img):
+    async def txt2img(req: Txt2Img, request: Request, response: Response):
         """Text to image (A1111 v1.10 fields and defaults: steps 50, 512x512, sampler from sampler_index)."""
+        await note_ignored(request, response, Txt2Img)
         return await run_generation(state, req, "txt2img")
 
     @router.post("/img2img", response_model=GenerationResponse)
-    async def img2img(req: Img2Img):
+    async def img2img(req: Img2Img, request: Request, response: Response):
         """Image to image; init_images are base64 images (404 'Init image not found' when missing, as A1111)."""
+        await note_ignored(request, response, Img2Img)
         return await run_generation(state, req, "img2img")
 
     @router.get("/progress", response_model=ProgressResponse)

@@ -84,6 +84,14 @@ def embeddings_body(state: AppState) -> dict:
 
 
 def info_router(state: AppState) -> APIRouter:
+    """Settings and model routes; the list routes are in `lists_router`."""
+    router = APIRouter()
+    router.include_router(_settings_router(state))
+    router.include_router(lists_router(state))
+    return router
+
+
+def _settings_router(state: AppState) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible API"])
 
     @router.get("/options")
@@ -113,6 +121,12 @@ def info_router(state: AppState) -> APIRouter:
     @router.post("/refresh-vae")
     def refresh_vae() -> None:
         return None
+
+    return router
+
+
+def lists_router(state: AppState) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible API"])
 
     @router.get("/samplers", response_model=list[SamplerItem])
     def samplers():

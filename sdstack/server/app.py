@@ -20,6 +20,7 @@ def create_app(config: ServerConfig, state=None) -> FastAPI:
     from .a1111_info import info_router
     from .auth import BasicAuthMiddleware
     from .errors import install_error_handlers
+    from .limits import BodyLimitMiddleware
     from .native import files_router, native_router
     from .state import AppState
 
@@ -45,6 +46,7 @@ def create_app(config: ServerConfig, state=None) -> FastAPI:
     app.include_router(info_router(state))
     app.include_router(native_router(state))
     app.include_router(files_router(state))
-    if config.api_auth:
+    app.add_middleware(BodyLimitMiddleware)
+    if config.api_auth:   # added last = outermost: nothing runs before the credentials are checked
         app.add_middleware(BasicAuthMiddleware, pairs=config.api_auth)
     return app

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from .config import DEFAULT_MAX_PIXELS, LOOPBACK_HOSTS
+from ..errors import UserError
+from .config import DEFAULT_MAX_PIXELS, LOOPBACK_HOSTS, parse_api_auth
+
+
+def _auth(ctx, param, value):
+    try:
+        return parse_api_auth(value)
+    except UserError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @click.command()
@@ -12,7 +20,7 @@ from .config import DEFAULT_MAX_PIXELS, LOOPBACK_HOSTS
               help="Address to bind. Anything but loopback exposes the server: use --api-auth.")
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder in A1111's layout [default: .]")
-@click.option("--api-auth", envvar="SDSTACK_API_AUTH", default=None,
+@click.option("--api-auth", envvar="SDSTACK_API_AUTH", default=None, callback=_auth,
               help="user:password[,user:password...] for HTTP Basic on every route (or env SDSTACK_API_AUTH).")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(64 * 64),
               help="Largest width x height a request may ask for.")
@@ -33,14 +41,17 @@ def serve(host, port, data_dir, api_auth, max_pixels, model, models_in_memory, d
 
     from ..paths import DataDir
     from .app import create_app
-    from .config import ServerConfig, parse_api_auth
+    from .config import ServerConfig
 
     config = ServerConfig(data_dir=DataDir.at(data_dir).root, host=host, port=port,
-                          api_auth=parse_api_auth(api_auth), max_pixels=max_pixels, model=model,
+                          api_auth=api_auth, max_pixels=max_pixels, model=model,
                           models_in_memory=models_in_memory, device=device, preview_interval=preview_interval)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if host not in LOOPBACK_HOSTS and not config.api_auth:
         click.echo(f"warning: serving on {host} without --api-auth: anyone who can reach it can use it", err=True)
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except UserError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(f"sdstack serving http://{host}:{port} (docs at /docs, data in {config.data_dir})", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

@@ -146,10 +146,11 @@ class JobStore:
             c.executemany("DELETE FROM images WHERE id = ?", [(r["id"],) for r in rows])
 
     def requeue(self, job_id: str, note: str) -> None:
-        """Put a running job back at its place in the queue (the server is shutting down)."""
+        """Put a running job back at its place in the queue (the server is shutting down); a clean stop does
+        not count as an attempt."""
         with self.db.write() as c:
-            c.execute("UPDATE jobs SET status = 'queued', started_at = NULL, note = ? WHERE id = ? "
-                      "AND status = 'running'", (note, job_id))
+            c.execute("UPDATE jobs SET status = 'queued', started_at = NULL, note = ?, attempts = attempts - 1 "
+                      "WHERE id = ? AND status = 'running'", (note, job_id))
 
     def finish(self, job_id: str, status: str, result: dict | None = None, hashes: dict[int, str] | None = None,
                error: str | None = None, note: str | None = None) -> None:

@@ -143,6 +143,13 @@ def native_router(state: AppState) -> APIRouter:
         return StreamingResponse(event_stream(state, job_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    router.include_router(gallery_router(state))
+    return router
+
+
+def gallery_router(state: AppState) -> APIRouter:
+    router = APIRouter(tags=["sdstack API"])
+
     @router.get("/images", response_model=ImageList)
     def images(q: str | None = Query(None, max_length=1000, description="Words that must all be in the prompt"),
                model: str | None = Query(None, max_length=300), date: str | None = None,

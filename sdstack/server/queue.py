@@ -146,14 +146,20 @@ class JobQueue:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            self._run(job)
+            try:
+                self._run(job)
+            except Exception:  # e.g. the database went away while recording the outcome
+                log.exception("job %s: could not record its outcome; it is re-run after a restart", job["id"])
 
     def _run(self, job: dict) -> None:
         from ..engine.generate import Control
 
         p = job["params"]
         state = RunState(job["id"], job["kind"], int(p.get("n_iter", 1)), Control())
-        with self._lock:
+        with self._lock:   # stop() sets _stop before taking this lock: either we see it, or it sees us
+            if self._stop.is_set():
+                self.store.requeue(job["id"], "re-queued: the server was stopped before this job started")
+                return
             self._current = state
         self.publish(job["id"], {"event": "started", "job_id": job["id"], "attempt": job["attempts"]})
         try:

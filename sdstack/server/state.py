@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
+import logging
 import os
 from dataclasses import dataclass
 
@@ -90,6 +90,11 @@ def _lock(path) -> int:
     """An exclusive lock on the data folder: one server (one worker) per folder. The kernel drops it when the
     process dies, even by SIGKILL."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no folder lock (one server per data folder is then up to the user)
+        logging.getLogger(__name__).warning("cannot lock %s on this platform", path)
+        return fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -73,7 +73,7 @@ def p_preview_ok(bundle):
     import torch
 
     img = latent_preview(bundle, torch.zeros(1, 4, 16, 16))
-    return img.size == (16, 16)
+    return img.size == (64, 64)  # latent 16x16 x VAE factor 4
 
 
 def test_img2img_runs_a1111_step_count(sd1):

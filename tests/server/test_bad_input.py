@@ -95,6 +95,33 @@ def test_inert_a1111_fields_are_accepted(client):
     r = client.post("/sdapi/v1/txt2img", json=body)
     assert r.status_code == 200, r.text
     assert "Clip skip: 2" in json.loads(r.json()["info"])["infotexts"][0]
+    assert r.headers["x-sdstack-ignored-fields"] == "distilled_cfg_scale,some_future_field"
+
+
+def test_oversized_body_is_413():
+    import asyncio
+
+    import httpx
+    from fastapi import Body, FastAPI
+
+    from sdstack.server.limits import BodyLimitMiddleware
+
+    app = FastAPI()
+
+    @app.post("/x")
+    def echo(v: dict = Body(...)):
+        return {"n": len(v)}
+
+    async def run():
+        transport = httpx.ASGITransport(app=BodyLimitMiddleware(app, max_body=1000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            small = await c.post("/x", json={"a": "b"})
+            big = await c.post("/x", json={"a": "b" * 5000})
+            return small, big
+
+    small, big = asyncio.run(run())
+    assert small.status_code == 200
+    assert big.status_code == 413 and big.json()["field"] == "body"
 
 
 def test_unknown_routes_and_jobs_are_404(client):

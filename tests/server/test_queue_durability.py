@@ -25,6 +25,7 @@ def spec(prompt="x", **params):
 def test_claims_are_fifo_and_recovery_undoes_unfinished_work(tmp_path):
     outputs = tmp_path / "outputs"
     store = JobStore(Database(tmp_path / "db.sqlite3").open())
+    assert store.db.conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     ids = [store.insert(spec(f"job {i}")) for i in range(3)]
     assert [store.position(i) for i in ids] == [0, 1, 2]
     job = store.claim_next()
@@ -169,3 +170,33 @@ def test_sigkill_with_jobs_queued_and_one_running(tools, tmp_path):
         _stop(proc)
         log.close()
     _check_outputs(data, data / "sdstack-server.sqlite3", jobs)
+
+
+def test_graceful_stop_requeues_the_running_job(tools, tmp_path):
+    data = tools.data_dir(tmp_path / "data")
+    with tools.client(data, model="tiny") as c:
+        job_id = c.post("/api/v1/jobs", json={"prompt": "long", "steps": 400, "seed": 1}).json()["id"]
+        tools.wait_job(c, job_id, statuses=("running",))
+    store = JobStore(Database(data / "sdstack-server.sqlite3").open())
+    job = store.get(job_id)
+    assert job["status"] == "queued" and "stopped" in job["note"] and store.images(job_id) == []
+    assert job["attempts"] == 0   # a clean stop is not a failed attempt
+    store.db.close()
+    with tools.client(data, model="tiny") as c:
+        assert c.delete(f"/api/v1/jobs/{job_id}").status_code == 200
+        assert tools.wait_job(c, job_id)["status"] == "cancelled"
+    assert not list((data / "outputs").rglob("*.png"))
+
+
+def test_serve_command_options():
+    from click.testing import CliRunner
+
+    from sdstack.server.cli import serve
+
+    result = CliRunner().invoke(serve, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--host", "--port", "--data-dir", "--api-auth", "--max-pixels", "--model", "--models-in-memory"):
+        assert option in result.output
+    assert "127.0.0.1" in result.output
+    bad = CliRunner().invoke(serve, ["--api-auth", "nopassword"])
+    assert bad.exit_code == 2 and "user:password" in bad.output

@@ -91,3 +91,15 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_vae_dir):
 
     bundle = load_model(tmp_path / "run" / "model")
     assert bundle.family == "sd1" and bundle.prediction_type == "v_prediction"
+
+
+def test_stop_then_resume_from_the_run_folder_alone(tmp_path, capsys):
+    from .conftest import tiny_ae_config
+
+    (tmp_path / "c.toml").write_text(_toml(tiny_ae_config(tmp_path / "run")))
+    assert cli("train", "autoencoder", "--config", tmp_path / "c.toml", "--stop-at", 1) == 0
+    assert "step 1" in capsys.readouterr().out
+    assert cli("train", "autoencoder", "--resume", tmp_path / "run") == 0  # the checkpoint's own config
+    out = capsys.readouterr().out
+    assert "step 4" in out and "model written to" in out
+    assert (tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
