@@ -46,15 +46,16 @@ def diffusers_pipeline(bundle: ModelBundle):
                                    requires_safety_checker=False)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def timed(fn, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     t = time.perf_counter()
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - t) / repeats
 
 
-def bench(bundle: ModelBundle, size: int, steps: int, repeats: int) -> None:
+def bench(bundle: ModelBundle, size: int, steps: int, repeats: int, warmup: bool = True) -> None:
     pipe = diffusers_pipeline(bundle)
     params = make_params(prompt=PROMPT, steps=steps, sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=7.0,
                          seed=1, width=size, height=size)
@@ -64,10 +65,10 @@ def bench(bundle: ModelBundle, size: int, steps: int, repeats: int) -> None:
         pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size, generator=g,
              output_type="pil")
 
-    t_diff = timed(run_diffusers, repeats)
-    t_ours = timed(lambda: generate(bundle, params), repeats)
+    t_diff = timed(run_diffusers, repeats, warmup)
+    t_ours = timed(lambda: generate(bundle, params), repeats, warmup)
     set_inference_dtype(bundle, torch.bfloat16, channels_last=True)  # last: the cast is one way
-    t_bf16 = timed(lambda: generate(bundle, params), repeats)
+    t_bf16 = timed(lambda: generate(bundle, params), repeats, warmup)
     print(f"{bundle.name} {size}x{size} {steps} steps DPM++ 2M Karras CFG 7 (threads={torch.get_num_threads()}):")
     print(f"  diffusers fp32   {t_diff:8.3f} s/img")
     print(f"  sdstack  fp32    {t_ours:8.3f} s/img   ratio sdstack/diffusers = {t_ours / t_diff:.3f}")
@@ -77,11 +78,13 @@ def bench(bundle: ModelBundle, size: int, steps: int, repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="also run the SD 1.5-architecture 512x512 case")
+    ap.add_argument("--only-full", action="store_true", help="skip the tiny case")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    bench(tiny_bundle("sd1"), 64, 20, args.repeats)
-    if args.full:
-        bench(full_size_random_bundle("sd1"), 512, 2, 1)
+    if not args.only_full:
+        bench(tiny_bundle("sd1"), 64, 20, args.repeats)
+    if args.full or args.only_full:
+        bench(full_size_random_bundle("sd1"), 512, 2, 1, warmup=False)
 
 
 if __name__ == "__main__":
