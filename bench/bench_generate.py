@@ -36,7 +36,7 @@ def diffusers_pipeline(bundle: ModelBundle):
 
     d = tempfile.mkdtemp()
     bundle.tokenizers[0].save_pretrained(d)
-    tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"))
+    tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), model_max_length=77)
     sched = DPMSolverMultistepScheduler(**{k: v for k, v in bundle.schedule.items() if not k.startswith("_")
                                            and k in ("beta_start", "beta_end", "beta_schedule",
                                                      "num_train_timesteps", "steps_offset")},
@@ -57,6 +57,7 @@ def timed(fn, repeats: int, warmup: bool = True) -> float:
 
 def bench(bundle: ModelBundle, size: int, steps: int, repeats: int, warmup: bool = True) -> None:
     pipe = diffusers_pipeline(bundle)
+    pipe.set_progress_bar_config(disable=True)
     params = make_params(prompt=PROMPT, steps=steps, sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=7.0,
                          seed=1, width=size, height=size)
 

@@ -40,14 +40,21 @@ class Param:
     choices: Callable[[], list[str]] | None = None
     group: str = "core"
     api_default: Any = None  # where A1111's API default differs from ours (e.g. steps=50); None = same
+    label: str | None = None  # UI label; None = the infotext key, else the name humanised
+
+
+def param_label(p: Param) -> str:
+    """The name a person sees for a parameter (web UI)."""
+    return p.label or p.infotext or p.name.replace("_", " ").capitalize()
 
 
 PARAMS: tuple[Param, ...] = (
     Param("prompt", str, "", "What to draw (A1111 prompt syntax).", infotext=None),
     Param("negative_prompt", str, "", "What not to draw.", cli="--negative"),
-    Param("steps", int, 20, "Sampling steps.", cli="--steps", infotext="Steps", min=1, max=1000, api_default=50),
+    Param("steps", int, 20, "Sampling steps.", cli="--steps", infotext="Steps", min=1, max=1000, api_default=50,
+          label="Sampling steps"),
     Param("sampler_name", str, "DPM++ 2M", "Sampler (A1111 names; old combined names like 'DPM++ 2M Karras' work).",
-          cli="--sampler", infotext="Sampler", choices=_sampler_names),
+          cli="--sampler", infotext="Sampler", choices=_sampler_names, label="Sampling method"),
     Param("scheduler", str, "Automatic", "Sigma schedule.", cli="--scheduler", infotext="Schedule type",
           choices=_scheduler_labels),
     Param("cfg_scale", float, 7.0, "Classifier-free guidance scale.", cli="--cfg", infotext="CFG scale",
@@ -59,22 +66,23 @@ PARAMS: tuple[Param, ...] = (
     Param("subseed_strength", float, 0.0, "Variation strength (slerp towards the variation seed's noise).",
           cli="--variation-strength", infotext="Variation seed strength", min=0.0, max=1.0, group="seed"),
     Param("seed_resize_from_w", int, -1, "Resize seed from width (-1 = off).", cli="--seed-resize-from-w",
-          min=-1, max=8192, group="seed"),
+          min=-1, max=8192, group="seed", label="Resize seed from width"),
     Param("seed_resize_from_h", int, -1, "Resize seed from height (-1 = off).", cli="--seed-resize-from-h",
-          min=-1, max=8192, group="seed"),
+          min=-1, max=8192, group="seed", label="Resize seed from height"),
     Param("width", int, 0, "Width in pixels, a multiple of 8 (0 = the model's native size).", cli="--width",
           min=0, max=8192, multiple_of=8, api_default=512),
     Param("height", int, 0, "Height in pixels, a multiple of 8 (0 = the model's native size).", cli="--height",
           min=0, max=8192, multiple_of=8, api_default=512),
     Param("batch_size", int, 1, "Images per batch.", cli="--batch-size", min=1, max=64),
-    Param("n_iter", int, 1, "Number of batches.", cli="--n-iter", min=1, max=1000),
+    Param("n_iter", int, 1, "Number of batches.", cli="--n-iter", min=1, max=1000, label="Batch count"),
     Param("clip_skip", int, 1, "Stop the text encoder this many layers from the end (1 = last layer).",
           cli="--clip-skip", infotext="Clip skip", min=1, max=12),
     Param("denoising_strength", float, 0.75, "img2img / hires-fix denoising strength.", cli="--strength",
           infotext="Denoising strength", min=0.0, max=1.0, group="img2img"),
     Param("resize_mode", int, 0, "img2img resize: 0 just resize, 1 crop and resize, 2 resize and fill, "
           "3 just resize (latent upscale).", cli="--resize-mode", min=0, max=3, group="img2img"),
-    Param("enable_hr", bool, False, "Hires fix: generate small, upscale the latent, refine.", group="hires"),
+    Param("enable_hr", bool, False, "Hires fix: generate small, upscale the latent, refine.", group="hires",
+          label="Hires fix"),
     Param("hr_scale", float, 2.0, "Hires fix upscale factor.", cli="--hires-scale", infotext="Hires upscale",
           min=1.0, max=8.0, group="hires"),
     Param("hr_second_pass_steps", int, 0, "Hires fix second-pass steps (0 = same as steps).", cli="--hires-steps",
