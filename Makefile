@@ -16,7 +16,12 @@ setup: $(BIN)/sdstack
 generate: setup
 	HF_HUB_OFFLINE=1 $(BIN)/sdstack generate "$(PROMPT)"
 
-test: setup
+# Debian's chromium for the web UI's browser tests (tests/ui); nothing to do where it is already installed.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+		|| echo "warning: could not install chromium: the browser tests are skipped (and fail when CI is set)"
+
+test: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
-.PHONY: setup generate test
+.PHONY: setup generate test browser

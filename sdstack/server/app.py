@@ -1,4 +1,5 @@
-"""The FastAPI application: A1111-compatible /sdapi/v1, native /api/v1, /outputs files, docs at /docs."""
+"""The FastAPI application: A1111-compatible /sdapi/v1, native /api/v1, /outputs files, docs at /docs, and
+(with config.ui) the Gradio web UI at /."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def create_app(config: ServerConfig, state=None) -> FastAPI:
     app.include_router(info_router(state))
     app.include_router(native_router(state))
     app.include_router(files_router(state))
+    if config.ui:   # the Gradio web UI at /, mounted after every API route so those match first
+        from .ui import mount_ui
+
+        mount_ui(app, state)
     app.add_middleware(BodyLimitMiddleware)
     if config.api_auth:   # added last = outermost: nothing runs before the credentials are checked
         app.add_middleware(BasicAuthMiddleware, pairs=config.api_auth)

@@ -31,10 +31,12 @@ def _auth(ctx, param, value):
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--preview-interval", default=1.0, show_default=True, type=click.FloatRange(0),
               help="Seconds between live previews of a running job (0 = every step).")
+@click.option("--ui/--no-ui", default=True, show_default=True, help="Serve the web UI at / (Gradio).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(host, port, data_dir, api_auth, max_pixels, model, models_in_memory, device, preview_interval, log_level):
-    """Serve the A1111-compatible API (/sdapi/v1), the native API (/api/v1) and the docs (/docs)."""
+def serve(host, port, data_dir, api_auth, max_pixels, model, models_in_memory, device, preview_interval, ui,
+          log_level):
+    """Serve the web UI (/), the A1111-compatible API (/sdapi/v1), the native API (/api/v1) and the docs (/docs)."""
     import logging
 
     import uvicorn
@@ -45,7 +47,8 @@ def serve(host, port, data_dir, api_auth, max_pixels, model, models_in_memory, d
 
     config = ServerConfig(data_dir=DataDir.at(data_dir).root, host=host, port=port,
                           api_auth=api_auth, max_pixels=max_pixels, model=model,
-                          models_in_memory=models_in_memory, device=device, preview_interval=preview_interval)
+                          models_in_memory=models_in_memory, device=device, preview_interval=preview_interval,
+                          ui=ui)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if host not in LOOPBACK_HOSTS and not config.api_auth:
         click.echo(f"warning: serving on {host} without --api-auth: anyone who can reach it can use it", err=True)
@@ -53,5 +56,6 @@ def serve(host, port, data_dir, api_auth, max_pixels, model, models_in_memory, d
         app = create_app(config)
     except UserError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"sdstack serving http://{host}:{port} (docs at /docs, data in {config.data_dir})", err=True)
+    click.echo(f"sdstack serving http://{host}:{port} (web UI at /, docs at /docs, data in {config.data_dir})",
+               err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

@@ -23,6 +23,7 @@ class ServerConfig:
     device: str = "cpu"
     preview_interval: float = 1.0     # seconds between live previews of a running job (0 = every step)
     max_attempts: int = 3             # a job that was running when the process died this often is failed
+    ui: bool = False                  # mount the Gradio web UI at / (`sdstack serve` turns it on)
 
     @property
     def db_path(self) -> Path:

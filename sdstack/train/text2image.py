@@ -180,7 +180,9 @@ class Text2ImageTask(Task):
     def samples(self, step: int, run_dir: Path) -> dict:
         s = self.cfg.sample
         images = self.generate(list(s.prompts), list(s.seeds))
-        grid = image_grid(images, columns=len(s.seeds) * 2 if len(s.prompts) % 2 == 0 else len(s.seeds), cell=96)
+        per_row = 2 if len(s.prompts) % 2 == 0 else 1
+        labels = [" | ".join(s.prompts[i:i + per_row]) for i in range(0, len(s.prompts), per_row)]
+        grid = image_grid(images, columns=len(s.seeds) * per_row, cell=96, labels=labels)
         save_png(grid, run_dir / "samples" / f"step-{step:08d}.png")
         save_png(grid, run_dir / "samples.png")
         if self.cfg.data.source == "shapes" and s.eval_prompts > 0:
