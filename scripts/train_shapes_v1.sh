@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the built-in model shapes-v1 from scratch, on a CPU, from the configs in configs/shapes-v1/:
 #   1. autoencoder (AutoencoderKL, 4 latent channels, 64x64 -> 16x16), full 64x64 images, edge-weighted loss
-#   2. its decoder trained further with the encoder frozen (stronger edge weight)
+#   2. its decoder trained further with the encoder frozen (stronger edge weight), then
+#      once more with a gradient loss (small hexagons and stars keep their corners)
 #   3. the round trip validated with the shapes oracle (>= 98% on every suite, else stop)
 #   4. text2image (UNet + CLIP text encoder from scratch; zero terminal SNR, v-prediction, min-SNR, EMA)
 #   5. export to sdstack/builtin/shapes-v1 as fp16 safetensors, then score it with `sdstack eval`
@@ -23,7 +24,10 @@ fi
 if [ ! -f "$RUNS/ae-decoder/vae/config.json" ]; then
   "$PY" -m sdstack train autoencoder --config configs/shapes-v1/autoencoder-decoder.toml $(resume "$RUNS/ae-decoder")
 fi
-"$PY" -m sdstack train check-vae "$RUNS/ae-decoder/vae" --min-score 0.98
+if [ ! -f "$RUNS/ae-decoder2/vae/config.json" ]; then
+  "$PY" -m sdstack train autoencoder --config configs/shapes-v1/autoencoder-decoder2.toml $(resume "$RUNS/ae-decoder2")
+fi
+"$PY" -m sdstack train check-vae "$RUNS/ae-decoder2/vae" --min-score 0.98
 if [ ! -f "$RUNS/t2i/model/model_index.json" ]; then
   "$PY" -m sdstack train text2image --config configs/shapes-v1/text2image.toml $(resume "$RUNS/t2i")
 fi

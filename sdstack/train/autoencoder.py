@@ -99,7 +99,18 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, cfg) -> tuple
     err = recon.float() - target
     l1 = (w * err.abs()).mean() / w.mean()
     mse = (w * err.square()).mean() / w.mean()
-    return cfg.l1_weight * l1 + cfg.mse_weight * mse, {"l1": float(l1.detach()), "mse": float(mse.detach())}
+    loss, logs = cfg.l1_weight * l1 + cfg.mse_weight * mse, {"l1": float(l1.detach()), "mse": float(mse.detach())}
+    if cfg.grad_weight > 0:
+        g = gradient_loss(recon.float(), target)
+        loss, logs["grad"] = loss + cfg.grad_weight * g, float(g.detach())
+    return loss, logs
+
+
+def gradient_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between horizontal and vertical pixel differences: blurred corners cost directly."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return 0.5 * ((dx(recon) - dx(target)).abs().mean() + (dy(recon) - dy(target)).abs().mean())
 
 
 class AutoencoderTask(Task):

@@ -83,6 +83,7 @@ class AutoencoderLossConfig:
     edge_weight: float = 4.0  # pixels near colour edges weigh 1 + edge_weight
     mse_weight: float = 1.0
     l1_weight: float = 1.0
+    grad_weight: float = 0.0  # L1 between the image gradients (finite differences) of output and target: corners
     train_encoder: bool = True  # false: only the decoder trains (fine-tuning a decoder)
 
 

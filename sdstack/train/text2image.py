@@ -284,6 +284,8 @@ def export_model(source: str | Path, dest: str | Path, *, fp16: bool = True, vae
         for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
             cls.from_pretrained(src / name).to(dtype).save_pretrained(tmp / name, safe_serialization=True)
     json.loads((tmp / "model_index.json").read_text())  # sanity: copied intact
+    for f in tmp.rglob("*"):  # readable by everyone (a shipped package is installed for other users too)
+        f.chmod(0o755 if f.is_dir() else 0o644)
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)

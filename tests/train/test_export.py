@@ -93,3 +93,8 @@ def test_export_refuses_a_vae_with_another_encoder(trained, tmp_path):
     other.save_pretrained(tmp_path / "other-vae")
     with pytest.raises(UserError, match="another encoder"):
         export_model(trained[0], tmp_path / "x", vae=str(tmp_path / "other-vae"))
+
+
+def test_exported_files_are_world_readable(trained, tmp_path):
+    dest = export_model(trained[0], tmp_path / "shipped")
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in dest.rglob("*") if f.is_file())

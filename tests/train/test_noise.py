@@ -80,3 +80,15 @@ def test_edge_weights_mark_pixels_next_to_colour_steps():
     w = edge_weights(x, 4.0)[0, 0]
     assert torch.equal(w[:, 2:6], torch.full((8, 4), 5.0))  # the two edge columns, grown by one pixel
     assert torch.equal(w[:, :2], torch.ones(8, 2)) and torch.equal(w[:, 6:], torch.ones(8, 2))
+
+
+def test_gradient_loss_sees_blur_that_keeps_the_mean():
+    from sdstack.train.autoencoder import gradient_loss
+
+    x = -torch.ones(1, 3, 8, 8)
+    x[..., 4:] = 1.0
+    blurred = x.clone()
+    blurred[..., 3], blurred[..., 4] = -1 / 3, 1 / 3  # same column sums, softer step
+    assert float(gradient_loss(x, x)) == 0.0
+    # the step of 2 becomes three steps of 2/3: |dx| errors 2/3 + 4/3 + 2/3 over 7 columns, 3 channels, 8 rows
+    assert float(gradient_loss(blurred, x)) == pytest.approx(0.5 * (8 / 3) / 7)
