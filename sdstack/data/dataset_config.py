@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..tomlio import read_toml
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +160,7 @@ def data_config_from_dict(raw: dict, base_dir: str | Path | None = None) -> Data
 def load_data_config(path: str | Path) -> DataConfig:
     """Read a kohya dataset TOML; relative image_dir / metadata_file are relative to the file's folder."""
     p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"dataset config not found: {p}", field="dataset_config") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"dataset config {p} is unreadable: {e}", field="dataset_config") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"dataset config {p} is not valid TOML: {e}", field="dataset_config") from None
+    raw = read_toml(p, "dataset config", "dataset_config")
     return data_config_from_dict(raw, base_dir=p.parent)
 
 

@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..tomlio import read_toml
 
 MIXED_PRECISIONS = ("no", "bf16", "auto")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -242,15 +242,7 @@ def validate(cfg) -> None:
 
 def load_config(path: str | Path, cls):
     """Read a TOML file onto `cls` (AutoencoderConfig or Text2ImageConfig) and validate it."""
-    p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {p}", field="config") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {p} is unreadable: {e}", field="config") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {p} is not valid TOML: {e}", field="config") from None
+    raw = read_toml(path, "config file", "config")
     cfg = from_dict(cls, raw)
     validate(cfg)
     return cfg
