@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import UserError
 from .captions import (COLOURS, MAX_OBJECTS, PLACES, RELATIONS, SHAPES, SIZES, ObjectSpec, PromptSpec, Relation,
                        parse_caption, render_caption)
 
-__all__ = ["PALETTE", "COLOURS", "SHAPES", "SIZES", "PLACES", "RELATIONS", "HELDOUT_PAIRS", "ShapesWorld", "Scene",
-           "SceneObject", "ObjectSpec", "PromptSpec", "Relation", "render_scene", "scene_from_prompt", "random_spec",
-           "parse_caption", "render_caption", "in_place", "relation_holds", "size_of", "shape_polygon", "seeded_rng"]
+__all__ = ["PALETTE", "COLOURS", "SHAPES", "CONCEPT_SHAPES", "SIZES", "PLACES", "RELATIONS", "HELDOUT_PAIRS",
+           "ShapesWorld", "Scene", "SceneObject", "ObjectSpec", "PromptSpec", "Relation", "render_scene",
+           "scene_from_prompt", "random_spec", "parse_caption", "render_caption", "in_place", "relation_holds",
+           "size_of", "shape_polygon", "seeded_rng"]
 
 PALETTE = {
     "red": "#E02828", "orange": "#F58C1E", "yellow": "#F0D228", "green": "#28AA3C", "cyan": "#28C8DC",
@@ -44,6 +45,13 @@ HELDOUT_PAIRS = (("purple", "circle"), ("orange", "square"), ("cyan", "triangle"
 
 SPLITS = ("train", "heldout", "all")
 SUPERSAMPLE = 4
+
+# Drawable (shape_polygon, render_scene) but never drawn by the world nor named in its captions: new concepts for
+# fine-tuning (sdstack.eval.concepts). A ring's hole has RING_HOLE of its radius; a crescent is the unit circle
+# minus a circle of radius CRESCENT_CUT[1] centred CRESCENT_CUT[0] to the right (opening to the right).
+CONCEPT_SHAPES = ("ring", "crescent")
+RING_HOLE = 0.5
+CRESCENT_CUT = (0.5, 0.85)
 
 # ---- Geometry rules, shared by the generator and the oracle (normalised coordinates; see module docstring). ----
 # An object's centre is the centre of its bounding box; its radius is half the larger side of that box.
@@ -110,6 +118,15 @@ def _raw_polygon(shape: str) -> list[tuple[float, float]]:
         a = 0.36
         return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a),
                 (-a, -a)]
+    if shape == "ring":  # outer circle, then the hole the other way round, joined by a slit of zero width
+        outer, inner = _regular(96, 0), _regular(96, 0, RING_HOLE)
+        return outer + outer[:1] + inner[:1] + inner[::-1]
+    if shape == "crescent":  # outer arc through the left, back along the cut circle's arc; horns at (xh, +-yh)
+        d, rc = CRESCENT_CUT
+        xh = (1 - rc * rc + d * d) / (2 * d)
+        th, ph = math.atan2(math.sqrt(1 - xh * xh), xh), math.atan2(math.sqrt(1 - xh * xh), xh - d)
+        outer = [(math.cos(t), math.sin(t)) for t in np.linspace(th, 2 * math.pi - th, 80)]
+        return outer + [(d + rc * math.cos(t), rc * math.sin(t)) for t in np.linspace(2 * math.pi - ph, ph, 60)[1:-1]]
     raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
 
 
@@ -168,8 +185,11 @@ def check_resolution(resolution: int) -> int:
     return resolution
 
 
-def render_scene(scene: Scene, resolution: int = 64) -> Image.Image:
-    """Draw `scene` as an RGB image, antialiased by drawing SUPERSAMPLE times larger and box-downsampling."""
+def render_scene(scene: Scene, resolution: int = 64, outline: float = 0.0) -> Image.Image:
+    """Draw `scene` as an RGB image, antialiased by drawing SUPERSAMPLE times larger and box-downsampling.
+
+    `outline` > 0 (normalised width; the world never uses it) draws a black band that wide inside each object's edge.
+    """
     check_resolution(resolution)
     big = resolution * SUPERSAMPLE
     image = Image.new("RGB", (big, big), PALETTE[scene.background])
@@ -177,7 +197,14 @@ def render_scene(scene: Scene, resolution: int = 64) -> Image.Image:
     for obj in scene.objects:
         pts = shape_polygon(obj.shape) * obj.radius + np.asarray(obj.center)
         pts = pts * big - 0.5  # pixel centres sit at half-integers
-        draw.polygon([tuple(p) for p in pts.tolist()], fill=PALETTE[obj.colour])
+        polygon = [tuple(p) for p in pts.tolist()]
+        if outline <= 0:
+            draw.polygon(polygon, fill=PALETTE[obj.colour])
+            continue
+        mask = Image.new("L", (big, big), 0)
+        ImageDraw.Draw(mask).polygon(polygon, fill=255)
+        image.paste(PALETTE["black"], mask=mask)
+        image.paste(PALETTE[obj.colour], mask=mask.filter(ImageFilter.MinFilter(2 * round(outline * big) + 1)))
     return image.resize((resolution, resolution), Image.Resampling.BOX)
 
 

@@ -241,8 +241,9 @@ def _blur_stack(stack: np.ndarray, sigma: float) -> np.ndarray:
     return sum(g[i] * out[:, :, i:i + stack.shape[2]] for i in range(len(g)))
 
 
-def classify_shape(alpha: np.ndarray) -> tuple[str, float, tuple[float, float, float]]:
-    """Best shape for a coverage window: (shape, error, (cx, cy, r) in window pixels).
+def classify_shape(alpha: np.ndarray, shapes: tuple[str, ...] = SHAPES,
+                   ) -> tuple[str, float, tuple[float, float, float]]:
+    """Best of `shapes` for a coverage window: (shape, error, (cx, cy, r) in window pixels).
 
     Each shape is drawn with the object's area and centroid (both unchanged by blur and unbiased under noise),
     blurred by each of TEMPLATE_BLURS (generated images are soft); error = L1 coverage mismatch / object area.
@@ -252,7 +253,7 @@ def classify_shape(alpha: np.ndarray) -> tuple[str, float, tuple[float, float, f
     mx = float((alpha.sum(0) * (np.arange(w) + 0.5)).sum()) / area
     my = float((alpha.sum(1) * (np.arange(h) + 0.5)).sum()) / area
     fits = []
-    for shape in SHAPES:
+    for shape in shapes:
         a, ox, oy = polygon_moments(shape)
         r = (area / a) ** 0.5
         fits.append((shape, mx - ox * r, my - oy * r, r))
@@ -263,7 +264,8 @@ def classify_shape(alpha: np.ndarray) -> tuple[str, float, tuple[float, float, f
     return shape, float(errors[:, best].min()), (cx, cy, r)
 
 
-def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.ndarray) -> DetectedObject:
+def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.ndarray,
+              shapes: tuple[str, ...] = SHAPES) -> DetectedObject:
     """Colour, shape and geometry of one object, from its (grown) region."""
     h, w = region.shape
     ys, xs = np.nonzero(region)
@@ -274,7 +276,7 @@ def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.n
     obj_rgb = np.median(pixels[dist >= np.quantile(dist, 0.75)], axis=0)
     colour = COLOURS[int(nearest_colour(srgb_to_lab(obj_rgb), exclude=background))]
     alpha = _coverage(win_rgb, bg_rgb, obj_rgb) * win
-    shape, err, (cx, cy, r) = classify_shape(alpha)
+    shape, err, (cx, cy, r) = classify_shape(alpha, shapes)
     if err > MAX_SHAPE_ERROR:
         shape = "unknown"
     hw, hh = shape_extent(shape) if shape != "unknown" else (1.0, 1.0)
@@ -285,8 +287,9 @@ def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.n
                           area=float(alpha.sum()) / (w * h), shape_error=err)
 
 
-def analyze(image) -> Analysis:
-    """Find the background and the objects of a shapes-world image (PIL image or HxWx3 uint8 array)."""
+def analyze(image, shapes: tuple[str, ...] = SHAPES) -> Analysis:
+    """Find the background and the objects of a shapes-world image (PIL image or HxWx3 uint8 array); each object's
+    shape is the best of `shapes` (e.g. SHAPES + CONCEPT_SHAPES to also read rings and crescents)."""
     rgb = to_rgb_array(image)
     h, w = rgb.shape[:2]
     lab = srgb_to_lab(rgb)
@@ -295,7 +298,7 @@ def analyze(image) -> Analysis:
         return Analysis(None, (), w, h)
     delta = np.linalg.norm(lab - srgb_to_lab(bg_rgb), axis=-1)
     labels = _regions(rgb, lab, delta, foreground_threshold(background, noise), bg_rgb, background)
-    objects = [_describe(labels == k, background, rgb, bg_rgb) for k in range(labels.max() + 1)]
+    objects = [_describe(labels == k, background, rgb, bg_rgb, shapes) for k in range(labels.max() + 1)]
     return Analysis(background, tuple(objects), w, h)
 
 

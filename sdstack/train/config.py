@@ -36,6 +36,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     sample_every: int = 500  # steps between sample grids and loss-curve PNGs; 0 = off
     log_every: int = 10
+    validate_every: int = 0  # steps between validation losses on the held-out split (tasks that have one)
     progress: bool = True
 
 
@@ -57,9 +58,10 @@ class OptimConfig:
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 100
-    decay: str = "cosine"  # "cosine" or "constant" (after warm-up)
+    decay: str = "cosine"  # "cosine", "linear" or "constant" (after warm-up)
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 = off
+    optimizer: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes, installed separately)
 
 
 @dataclass
@@ -216,7 +218,7 @@ def validate(cfg) -> None:
     run, data = cfg.run, cfg.data
     _check_choice(run.mixed_precision, MIXED_PRECISIONS, "run.mixed_precision")
     _check_choice(data.source, DATA_SOURCES, "data.source")
-    _check_choice(cfg.optim.decay, ("cosine", "constant"), "optim.decay")
+    _check_choice(cfg.optim.decay, ("cosine", "linear", "constant"), "optim.decay")
     for name in ("max_steps", "batch_size", "grad_accum"):
         if getattr(run, name) < 1:
             raise UserError(f"config: run.{name} must be at least 1", field=f"run.{name}")
@@ -244,7 +246,8 @@ def load_config(path: str | Path, cls):
     """Read a TOML file onto `cls` (AutoencoderConfig or Text2ImageConfig) and validate it."""
     raw = read_toml(path, "config file", "config")
     cfg = from_dict(cls, raw)
-    validate(cfg)
+    check = getattr(cfg, "check", None)  # a config class with its own checks (fine-tuning)
+    check() if check else validate(cfg)
     return cfg
 
 

@@ -42,6 +42,38 @@ class Task:
     def setup(self, accelerator) -> None:
         """Move frozen helpers (e.g. a VAE) to the device once the accelerator exists."""
 
+    def batch_source(self, cfg, world: int, rank: int):
+        """The batches to train on (see `ImageBatches`); the default reads `cfg.data` (shapes world or folder)."""
+        return ImageBatches(cfg, world, rank)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups (one group of every trainable parameter at `lr` by default)."""
+        return [{"params": [p for p in self.module.parameters() if p.requires_grad], "lr": lr}]
+
+    def checkpoint_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of the module (all of it; a fine-tune stores only what trains)."""
+        return module.state_dict()
+
+    def load_checkpoint_weights(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        module.load_state_dict(weights, strict=True)
+
+
+class ImageBatches:
+    """Batches of `TrainingImages` (shapes world or image folder) in the deterministic order of a `BatchPlan`.
+    Any batch source has `summary`, `items_per_step`, `epoch(step)` and `loader(start, end)`."""
+
+    def __init__(self, cfg, world: int, rank: int):
+        self.data = TrainingImages(cfg.data)
+        self.plan = BatchPlan(self.data.size, cfg.run.batch_size, cfg.run.grad_accum, world, rank, cfg.run.seed)
+        self.summary, self.items_per_step = self.data.summary, self.plan.items_per_step
+        self.workers, self.flip = cfg.run.workers, cfg.data.random_flip
+
+    def epoch(self, step: int) -> int:
+        return self.plan.epoch(step)
+
+    def loader(self, start: int, end: int):
+        return batch_loader(self.data, self.plan, start, end, self.workers, self.flip)
+
 
 def resolve_precision(name: str) -> str:
     if name != "auto":
@@ -53,13 +85,28 @@ def resolve_precision(name: str) -> str:
     return "bf16" if cpu_bf16 or amx else "no"
 
 
+def make_optimizer(groups: list[dict], o):
+    """AdamW (torch) or 8-bit AdamW (bitsandbytes, an optional dependency) over `groups`."""
+    if getattr(o, "optimizer", "adamw") == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optim.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes)",
+                            field="optim.optimizer") from None
+        return bnb.optim.AdamW8bit(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+
+
 def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
-    """Linear warm-up to 1 over `warmup` steps, then cosine down to `min_ratio` at `total` (or constant)."""
+    """Linear warm-up to 1 over `warmup` steps, then cosine or linear down to `min_ratio` at `total` (or
+    constant)."""
     if step < warmup:
         return (step + 1) / warmup
     if decay == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if decay == "linear":
+        return 1.0 - (1 - min_ratio) * progress
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -112,12 +159,10 @@ class Trainer:
         # cpu=True without CUDA: under a multi-process launch accelerate then runs MULTI_CPU (gloo) instead of
         # silently starting independent single-process runs
         self.acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available())
-        self.data = TrainingImages(cfg.data)
-        self.plan = BatchPlan(self.data.size, cfg.run.batch_size, cfg.run.grad_accum, self.acc.num_processes,
-                              self.acc.process_index, cfg.run.seed)
+        self.source = task.batch_source(cfg, self.acc.num_processes, self.acc.process_index)
         trainable = [p for p in task.module.parameters() if p.requires_grad]
         o = cfg.optim
-        optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        optimizer = make_optimizer(task.param_groups(o.lr), o)
         self.model, self.optimizer = self.acc.prepare(task.module, optimizer)
         self.params = trainable
         # stepped once per optimizer step by us (not prepared: a prepared scheduler steps once per process)
@@ -133,14 +178,14 @@ class Trainer:
 
     def state(self) -> dict:
         unwrapped = self.acc.unwrap_model(self.model)
-        return {"step": self.step, "epoch": self.plan.epoch(self.step),
-                "model": {k: v.detach().cpu() for k, v in unwrapped.state_dict().items()},
+        return {"step": self.step, "epoch": self.source.epoch(self.step),
+                "model": {k: v.detach().cpu() for k, v in self.task.checkpoint_weights(unwrapped).items()},
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "rng": rng_state(),
                 "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 2)}
 
     def load_state(self, state: dict) -> None:
-        self.acc.unwrap_model(self.model).load_state_dict(state["model"], strict=True)
+        self.task.load_checkpoint_weights(self.acc.unwrap_model(self.model), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
@@ -200,6 +245,19 @@ class Trainer:
         self.acc.wait_for_everyone()
         return info
 
+    def validation_loss(self) -> float | None:
+        """Mean loss on the task's held-out batches (fixed noise), averaged over processes; None without any."""
+        fn = getattr(self.task, "validation_loss", None)
+        if fn is None:
+            return None
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.acc.autocast():
+                value = fn(self.model)
+        finally:
+            self.model.train()
+        return None if value is None else self._mean_loss(value)
+
     def export(self) -> Path | None:
         self.acc.wait_for_everyone()
         out = None
@@ -218,7 +276,7 @@ class _Reporter:
 
     def __init__(self, trainer: Trainer, start: int, end: int):
         self.t, self.main = trainer, trainer.acc.is_main_process
-        self.items = trainer.plan.items_per_step
+        self.items = trainer.source.items_per_step
         self.bar = None
         if self.main and trainer.cfg.run.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -256,6 +314,12 @@ class _Reporter:
                 print(f"step {step}/{self.t.cfg.run.max_steps} loss {logs['loss']:.5f} lr {lr:.2e} "
                       f"img/s {ips:.1f} eta {eta / 60:.0f} min", flush=True)
 
+    def validation(self, step: int, value: float) -> None:
+        if self.main:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps({"step": step, "val_loss": round(value, 6)}) + "\n")
+            self.note(f"step {step}: validation loss {value:.5f}")
+
     def note(self, text: str) -> None:
         if self.main:
             (self.bar.write if self.bar is not None else lambda s: print(s, flush=True))(text)
@@ -269,10 +333,10 @@ def run_loop(t: Trainer, stop_at: int | None) -> dict:
     cfg = t.cfg.run
     end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
     start = t.step
-    loader = batch_loader(t.data, t.plan, start, end, cfg.workers, t.cfg.data.random_flip)
+    loader = t.source.loader(start, end)
     rep = _Reporter(t, start, end)
     rep.note(f"training {type(t.task).__name__} from step {start} to {end} of {cfg.max_steps} "
-             f"({t.acc.num_processes} process(es), precision {t.precision}, data {t.data.summary})")
+             f"({t.acc.num_processes} process(es), precision {t.precision}, data {t.source.summary})")
     last_save, stopped = time.time(), False
     pending: list[dict] = []
     with _StopFlag() as flag:
@@ -288,6 +352,12 @@ def run_loop(t: Trainer, stop_at: int | None) -> dict:
             rep.update(t.step, logs, t.scheduler.get_last_lr()[0])
             if not math.isfinite(logs["loss"]):
                 raise RuntimeError(f"loss became {logs['loss']} at step {t.step}")
+            validate_every = getattr(cfg, "validate_every", 0)
+            if validate_every and t.step % validate_every == 0:
+                with rep.pause():
+                    value = t.validation_loss()
+                if value is not None:
+                    rep.validation(t.step, value)
             if cfg.sample_every and t.step % cfg.sample_every == 0:
                 with rep.pause():
                     info = t.write_outputs()

@@ -6,10 +6,7 @@ Noise: the diffusers/LDM discrete schedule (T timesteps), optionally rescaled to
 (v = sqrt(a) eps - sqrt(1 - a) x0), so the last timestep carries no signal and the model must take global
 colour from the prompt, not from leftover low frequencies of the noise.
 
-Loss weight (min-SNR-gamma, Hang et al. 2023), per sample with snr = a / (1 - a):
-  epsilon:       min(snr, gamma) / snr
-  v_prediction:  min(snr + 1, gamma) / (snr + 1)    (the v-target's own SNR is snr + 1, so pure-noise
-                                                    timesteps keep weight 1 instead of 0 under zero terminal SNR)
+Loss: `sdstack.train.diffusion` (min-SNR-gamma weighting, shared with the fine-tune methods).
 """
 
 from __future__ import annotations
@@ -19,12 +16,12 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
-from ..models.bundle import ModelBundle, alphas_cumprod_from_config, rescale_zero_terminal_snr
+from ..models.bundle import ModelBundle
 from ..models.tokenizer import ClipTokenizer
 from .config import Text2ImageConfig
+from .diffusion import diffusion_loss, snr_weights, training_alphas  # noqa: F401 (snr_weights: re-export)
 from .loop import Task, seed_everything, train
 from .plots import image_grid, save_png
 
@@ -42,19 +39,7 @@ def scheduler_config(cfg: Text2ImageConfig) -> dict:
 
 def training_alphas_cumprod(cfg: Text2ImageConfig) -> torch.Tensor:
     """alpha_bar for training: with zero terminal SNR the last one is exactly 0 (sampling clamps it instead)."""
-    sched = scheduler_config(cfg)
-    base = alphas_cumprod_from_config(dict(sched, rescale_betas_zero_snr=False))
-    return rescale_zero_terminal_snr(base) if cfg.noise.zero_terminal_snr else base
-
-
-def snr_weights(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Per-sample min-SNR-gamma weights (module docstring); ones when gamma is 0."""
-    if gamma <= 0:
-        return torch.ones_like(alpha_bar)
-    snr = alpha_bar / (1 - alpha_bar).clamp_min(1e-20)
-    if prediction_type == "v_prediction":
-        return (snr + 1).clamp(max=gamma) / (snr + 1)
-    return snr.clamp(max=gamma) / snr.clamp_min(1e-20)
+    return training_alphas(scheduler_config(cfg))
 
 
 def build_unet(cfg: Text2ImageConfig, latent_channels: int, factor: int):
@@ -140,17 +125,12 @@ class Text2ImageTask(Task):
 
     def loss(self, model, batch, generator):
         x0 = self.latents(batch["pixels"])
-        b, n = x0.shape[0], self.cfg.noise
-        ids = self.token_ids(batch["captions"], generator).to(self.device)
-        t = torch.randint(0, n.num_train_timesteps, (b,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        a = self.alpha_bar[t].to(self.device).view(b, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if n.prediction_type == "v_prediction" else noise
-        pred = model(noisy, t.to(self.device), ids)
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        w = snr_weights(a.view(b), n.min_snr_gamma, n.prediction_type)
-        return (w * per_sample).mean(), {"mse": float(per_sample.mean().detach())}
+        n = self.cfg.noise
+        ids = self.token_ids(batch["captions"], generator).to(self.device)  # draws caption dropout first
+        loss, per_sample = diffusion_loss(lambda noisy, t: model(noisy, t, ids), x0, self.alpha_bar,
+                                          prediction_type=n.prediction_type, min_snr_gamma=n.min_snr_gamma,
+                                          generator=generator)
+        return loss, {"mse": float(per_sample.mean())}
 
     def bundle(self) -> ModelBundle:
         m = self.module

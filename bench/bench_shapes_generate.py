@@ -1,0 +1,181 @@
+"""Generation time of one image from a diffusers-layout model folder: sdstack vs stock diffusers, in one process.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_shapes_generate.py                 # built-in shapes-v1
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_shapes_generate.py --model runs/shapes-v1/candidate
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_shapes_generate.py --tiny --repeats 3   # smoke test
+
+Both sides load the SAME folder from disk: sdstack with `load_model`, diffusers with
+`StableDiffusionPipeline.from_pretrained` (its scheduler swapped for DPMSolverMultistepScheduler built from the
+folder's scheduler config, Karras sigmas). Same prompt, negative prompt (empty), seed, CFG, steps, size:
+sdstack runs "DPM++ 2M" + "Karras", diffusers DPM-Solver++ (2M, order 2) with use_karras_sigmas=True, so both
+evaluate the UNet twice per step (cond + uncond batched). Each timed run is one full image: text encoding,
+sampling, VAE decode, to a PIL image (infotext included on sdstack's side).
+
+Prints the median seconds per image over --repeats runs after --warmup runs, for diffusers fp32, sdstack fp32,
+and sdstack with its speed options (engine/perf.py: channels_last, and bf16 weights where the CPU has native
+bf16), each with the ratio sdstack/diffusers. The issue's goal: sdstack fp32 <= 0.6x diffusers' time.
+Runs are interleaved (diffusers, sdstack, diffusers, ...) so a background load hits both sides alike.
+Exit status 1 if any run fails or produces no image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+PROMPT = "a red star on a blue background"
+
+
+def model_folder(arg: str | None, tiny: bool, work: Path) -> tuple[Path, str]:
+    """(folder, how it was chosen): --model, else the built-in shapes-v1, else a tiny random sd1 model."""
+    from sdstack.models.registry import builtin_model_path
+
+    if arg and not tiny:
+        p = Path(arg).expanduser()
+        if not (p / "model_index.json").is_file():
+            raise SystemExit(f"--model {arg}: not a diffusers model folder (no model_index.json)")
+        return p, "--model"
+    builtin = None if tiny else builtin_model_path()
+    if builtin is not None:
+        return builtin, "built-in shapes-v1"
+    from sdstack.models.tiny import save_diffusers_folder, tiny_bundle
+
+    why = "--tiny" if tiny else "the built-in model sdstack/builtin/shapes-v1 is NOT installed"
+    folder = save_diffusers_folder(tiny_bundle("sd1"), work / "tiny-sd1")
+    return folder, f"tiny random sd1 model written to {folder} ({why})"
+
+
+def diffusers_pipeline(folder: Path):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True,
+                                                             algorithm_type="dpmsolver++", solver_order=2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def median_interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each fn, runs interleaved round-robin after `warmup` untimed rounds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            out = fn()
+            dt = time.perf_counter() - t
+            if not out:
+                raise RuntimeError(f"{k}: produced no image")
+            if r >= warmup:
+                times[k].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="diffusers-layout model folder [default: built-in shapes-v1, "
+                                                  "else a tiny random model]")
+    ap.add_argument("--tiny", action="store_true", help="use a tiny random sd1 model (smoke test)")
+    ap.add_argument("--size", type=int, default=64, help="width = height [default: 64]")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=7.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per variant; the median is reported")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs per variant first")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default: all cores)")
+    ap.add_argument("--no-fast", action="store_true", help="skip sdstack's channels_last / bf16 variants")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-shapes-gen-"))
+    try:
+        return run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: Path) -> int:
+    from sdstack.engine.generate import generate
+    from sdstack.engine.perf import cpu_supports_bf16, set_inference_dtype
+    from sdstack.models.loader import load_model
+    from sdstack.params import make_params
+
+    folder, how = model_folder(args.model, args.tiny, work)
+    print(f"model: {how}: {folder}")
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    print(f"scheduler config: prediction_type={sched.get('prediction_type')} "
+          f"timestep_spacing={sched.get('timestep_spacing')} zero_snr={sched.get('rescale_betas_zero_snr')}")
+
+    s = args.size
+    pipe = diffusers_pipeline(folder)
+    bundle = load_model(folder)
+    params = make_params(prompt=PROMPT, negative_prompt="", steps=args.steps, sampler_name="DPM++ 2M",
+                         scheduler="Karras", cfg_scale=args.cfg, seed=args.seed, width=s, height=s)
+
+    def run_diffusers():
+        g = torch.Generator().manual_seed(args.seed)
+        return pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=args.cfg, height=s, width=s,
+                    generator=g, output_type="pil").images
+
+    def run_sdstack():
+        return generate(bundle, params).images
+
+    # (variant, s/img, diffusers s/img measured interleaved with it); the casts are one way, so the fast
+    # variants come after fp32, each paired with fresh diffusers runs
+    t = median_interleaved({"diffusers": run_diffusers, "sdstack": run_sdstack}, args.warmup, args.repeats)
+    t_diff = t["diffusers"]
+    rows = [("diffusers fp32", t_diff, t_diff), ("sdstack fp32", t["sdstack"], t_diff)]
+    if not args.no_fast:
+        fast = [("sdstack fp32 channels_last", torch.float32)]
+        if cpu_supports_bf16() or torch.cuda.is_available():
+            fast.append(("sdstack bf16 channels_last", torch.bfloat16))
+        else:
+            print("(no native bf16 on this CPU: bf16 variant skipped)")
+        for name, dtype in fast:
+            set_inference_dtype(bundle, dtype, channels_last=True)
+            tf = median_interleaved({"diffusers": run_diffusers, "sdstack": run_sdstack}, args.warmup,
+                                    args.repeats)
+            rows.append((name, tf["sdstack"], tf["diffusers"]))
+
+    print(f"\n{s}x{s}, {args.steps} steps, DPM++ 2M Karras, CFG {args.cfg}, seed {args.seed}, "
+          f"threads={torch.get_num_threads()}, median of {args.repeats} after {args.warmup} warm-up")
+    print(f"{'variant':<30}{'s/img':>10}{'paired diffusers':>18}{'sdstack/diffusers':>20}")
+    results = {"model": str(folder), "how": how, "size": s, "steps": args.steps, "cfg": args.cfg,
+               "threads": torch.get_num_threads(), "rows": []}
+    for name, secs, paired in rows:
+        print(f"{name:<30}{secs:>10.4f}{paired:>18.4f}{secs / paired:>20.3f}")
+        results["rows"].append({"variant": name, "seconds": secs, "diffusers_seconds": paired,
+                                "ratio": secs / paired})
+    goal = t["sdstack"] / t_diff
+    print(f"\nsdstack fp32 / diffusers fp32 = {goal:.3f} (goal <= 0.6: {'met' if goal <= 0.6 else 'NOT met'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - a benchmark run that fails must exit non-zero with the reason
+        import traceback
+
+        traceback.print_exc()
+        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
