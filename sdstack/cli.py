@@ -70,11 +70,12 @@ def models(data_dir, no_hash):
 def _register_optional_groups() -> None:
     """Command groups that live with their layer (e.g. `sdstack train` in sdstack/train/cli.py)."""
     try:
-        from .train.cli import train
+        from .train.cli import finetune, train
     except ImportError:
         pass
     else:
         cli.add_command(train)
+        cli.add_command(finetune)
     try:
         from .server.cli import serve
     except ImportError:

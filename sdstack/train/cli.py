@@ -103,3 +103,108 @@ def export(source, dest, fp16, vae, no_ema):
     from .text2image import export_model
 
     click.echo(f"written {export_model(source, dest, fp16=fp16, vae=vae, use_ema=not no_ema)}")
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+
+_FLAGS = {  # flag -> config key (dotted)
+    "model": "model", "vae": "vae", "data": "data.train_data_dir", "dataset": "data.dataset",
+    "resolution": "data.resolution", "steps": "run.max_steps", "batch_size": "run.batch_size",
+    "lr": "optim.lr", "seed": "run.seed", "output_name": "output_name", "rank": "lora.rank", "alpha": "lora.alpha",
+    "token": "textual_inversion.token", "init_word": "textual_inversion.init_word",
+    "num_vectors": "textual_inversion.num_vectors", "instance_prompt": "dreambooth.instance_prompt",
+    "class_prompt": "dreambooth.class_prompt", "num_class_images": "dreambooth.num_class_images",
+}
+
+
+def _set(raw: dict, dotted: str, value) -> None:
+    *tables, key = dotted.split(".")
+    for t in tables:
+        raw = raw.setdefault(t, {})
+    raw[key] = value
+
+
+def _parse_value(text: str):
+    """A --set value as TOML reads it (numbers, booleans, quoted strings, lists); bare words are strings."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def finetune_config(method: str, config_path, resume, out, flags: dict, sets: tuple[str, ...]):
+    """The run's config: the TOML file (or the checkpoint's), then the flags, then --set KEY=VALUE."""
+    from ..errors import UserError
+    from ..tomlio import read_toml
+    from .checkpoint import find_checkpoint
+    from .config import from_dict
+    from .finetune_config import FinetuneConfig
+
+    if config_path is None and resume is not None:
+        config_path = find_checkpoint(resume) / "config.toml"
+    raw = read_toml(config_path, "config file", "config") if config_path else {}
+    raw["method"] = method
+    for name, value in flags.items():
+        if value is not None:
+            _set(raw, _FLAGS[name], value)
+    if out is not None:
+        _set(raw, "run.out", str(out))
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set takes KEY=VALUE (e.g. lora.rank=4), got {item!r}", field="set")
+        _set(raw, key.strip(), _parse_value(value.strip()))
+    raw.setdefault("run", {}).setdefault("out", f"runs/{method.replace('_', '-')}")
+    cfg = from_dict(FinetuneConfig, raw)
+    cfg.check()
+    return cfg
+
+
+def _finetune_command(method: str, doc: str):
+    @click.command(name=method.replace("_", "-"), help=doc)
+    @_CONFIG
+    @_RESUME
+    @_OUT
+    @_STOP
+    @click.option("--model", default=None, help="Base model: diffusers folder or single file (default: built-in).")
+    @click.option("--vae", default=None, help="A separate VAE for the base model.")
+    @click.option("--data", default=None, help="Image folder: images + same-name captions, or N_name sub-folders.")
+    @click.option("--dataset", default=None, help="A kohya dataset TOML instead of --data.")
+    @click.option("--resolution", type=int, default=None, help="Training resolution (default: the model's).")
+    @click.option("--steps", type=int, default=None, help="Optimizer steps (run.max_steps).")
+    @click.option("--batch-size", type=int, default=None)
+    @click.option("--lr", type=float, default=None, help="Learning rate.")
+    @click.option("--seed", type=int, default=None)
+    @click.option("--output-name", default=None, help="File name of the result (default: the run folder's name).")
+    @click.option("--rank", type=int, default=None, help="LoRA rank.")
+    @click.option("--alpha", type=float, default=None, help="LoRA alpha (scale alpha / rank).")
+    @click.option("--token", default=None, help="Textual inversion: the new word (and embedding file name).")
+    @click.option("--init-word", default=None, help="Textual inversion: start from this word's embedding.")
+    @click.option("--num-vectors", type=int, default=None, help="Textual inversion: vectors per token.")
+    @click.option("--instance-prompt", default=None, help="DreamBooth: caption of images without one.")
+    @click.option("--class-prompt", default=None, help="DreamBooth: prompt of the prior-preservation images.")
+    @click.option("--num-class-images", type=int, default=None, help="DreamBooth: prior-preservation images.")
+    @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                  help="Any config key, e.g. --set lora.train_text_encoder=true --set run.grad_accum=4.")
+    def command(config_path, resume, out, stop_at, sets, **flags):
+        from .finetune import finetune
+
+        cfg = finetune_config(method, config_path, resume, out, flags, sets)
+        _report(finetune(cfg, resume=resume, stop_at=stop_at))
+
+    return command
+
+
+@click.group()
+def finetune():
+    """Fine-tune a model on your own images: LoRA, DreamBooth, textual inversion or the full model."""
+
+
+for _method, _doc in (
+        ("lora", "Train a LoRA (kohya .safetensors, read by A1111, ComfyUI, diffusers and <lora:name:w>)."),
+        ("dreambooth", "DreamBooth: fine-tune the UNet on a subject, with optional prior preservation."),
+        ("textual_inversion", "Textual inversion: learn a new word's embedding (A1111 embedding file)."),
+        ("full", "Fine-tune the whole UNet (and optionally the text encoder); diffusers folder + single file.")):
+    finetune.add_command(_finetune_command(_method, _doc))
