@@ -28,7 +28,7 @@ import torch
 from ..errors import UserError
 from .diffusion import diffusion_loss, training_alphas
 from .finetune_config import FinetuneConfig
-from .loop import Task, train
+from .loop import Task, seed_everything, train
 from .plots import image_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,7 @@ class FinetuneTask(Task):
         self.text = TrainingText(b, trigger, cfg.textual_inversion.num_vectors)
         if trigger:
             self._check_trigger_in_captions(trigger)
+        seed_everything(cfg.run.seed)  # LoRA layers start from the global RNG
         self.vectors = self._freeze_and_mark()
         self.module = FinetuneModule(b, self.vectors, cfg.clip_skip)
         if cfg.gradient_checkpointing:
@@ -587,13 +588,19 @@ def init_token_vectors(bundle, opts) -> list[torch.nn.Parameter]:
     return out
 
 
+def _generate_class_image(bundle, db, seed: int, res: int):
+    from ..engine.generate import generate
+    from ..params import make_params
+
+    p = make_params(prompt=db.class_prompt, steps=db.class_steps, cfg_scale=db.class_cfg_scale, seed=seed,
+                    width=res, height=res)
+    return generate(bundle, p).images[0]
+
+
 def ensure_class_images(cfg: FinetuneConfig, bundle) -> Path:
     """DreamBooth prior-preservation images made by the base model from `class_prompt`, cached in the class
     folder (a manifest records model, prompt and settings; matching images already there are reused)."""
     from tqdm import tqdm
-
-    from ..engine.generate import generate
-    from ..params import make_params
 
     db = cfg.dreambooth
     folder = Path(db.class_dir) if db.class_dir else Path(cfg.run.out) / "class_images"
@@ -608,9 +615,7 @@ def ensure_class_images(cfg: FinetuneConfig, bundle) -> Path:
     have = [n for n in done["images"] if (folder / n).is_file()]
     todo = range(len(have), db.num_class_images)
     for i in tqdm(todo, desc="class images", disable=not todo, unit="img"):
-        p = make_params(prompt=db.class_prompt, steps=db.class_steps, cfg_scale=db.class_cfg_scale, seed=i,
-                        width=res, height=res)
-        image = generate(bundle, p).images[0]
+        image = _generate_class_image(bundle, db, i, res)
         name = f"class_{i:05d}.png"
         tmp = folder / f".{name}.tmp"
         image.save(tmp, format="PNG")

@@ -1,0 +1,331 @@
+"""`sdstack finetune`: the four methods on a tiny random SD 1.x model, their output formats read back by stock
+diffusers and by sdstack's own prompt syntax, exact resume, prior preservation, caches and the one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdstack.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from sdstack.models.tiny import save_diffusers_folder, tiny_bundle
+
+    root = tmp_path_factory.mktemp("ft")
+    save_diffusers_folder(tiny_bundle("sd1", seed=0), root / "model")
+    from sdstack.eval.concepts import concept_dataset
+
+    concept_dataset("ring", root / "data", n=6, seed=0, token="sks", resolution=32)
+    concept_dataset("ring", root / "data-ti", n=6, seed=0, token="zring", resolution=32)
+    return root
+
+
+def _cfg(base, tmp_path, method, *sets, **flags):
+    from sdstack.train.cli import finetune_config
+
+    flags = dict(dict(model=str(base / "model"), data=str(base / "data"), steps=4, batch_size=2, resolution=32),
+                 **flags)
+    sets = ("run.threads=1", "run.progress=false", "run.log_every=0", f"data.cache_dir='{tmp_path / 'cache'}'",
+            "run.mixed_precision='no'") + sets
+    return finetune_config(method, None, None, tmp_path / method, flags, sets)
+
+
+def _run(cfg, **kw):
+    from sdstack.train.finetune import finetune
+
+    return finetune(cfg, **kw)
+
+
+def _unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500]), ctx).sample
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_file_loads_in_diffusers_and_in_prompt_syntax_with_the_trained_result(base, tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from sdstack.engine.generate import generate
+    from sdstack.models.loader import load_model
+    from sdstack.params import make_params
+    from sdstack.train.finetune import FinetuneTask
+    from sdstack.train.loop import train
+
+    cfg = _cfg(base, tmp_path, "lora", "optim.lr=0.2", "lora.rank=4", "lora.alpha=4.0", output_name="ring_style")
+    task = FinetuneTask(cfg)
+    result = train(cfg, task)
+    path = Path(result["model"])
+    assert path == tmp_path / "lora" / "ring_style.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0" and meta["ss_output_name"] == \
+        "ring_style"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"data": {"n_repeats": 1, "img_count": 6}}
+    assert not any(k.startswith("lora_te") for k in keys)  # text encoder not trained by default
+
+    trained = _unet_out(task.bundle.unet)  # the peft model as it trained
+    plain = load_model(base / "model")
+    untouched = _unet_out(plain.unet)
+    assert (trained - untouched).abs().max() > 1e-3, "training must have changed the UNet"
+
+    pipe = StableDiffusionPipeline(vae=plain.vae, unet=copy.deepcopy(plain.unet), scheduler=EulerDiscreteScheduler(),
+                                   text_encoder=copy.deepcopy(plain.text_encoders[0]), tokenizer=None,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(path))
+    torch.testing.assert_close(_unet_out(pipe.unet), trained, atol=2e-5, rtol=1e-4)
+
+    # the same image from sdstack's <lora:ring_style:1> as from the trained model itself
+    p = make_params(prompt="a red sks ring", steps=4, seed=7, cfg_scale=5, width=32, height=32)
+    ours = generate(task.bundle, p).images[0]
+    p2 = make_params(prompt="a red sks ring <lora:ring_style:1>", steps=4, seed=7, cfg_scale=5, width=32, height=32)
+    via_prompt = generate(plain, p2, lora_dir=path.parent).images[0]
+    a, b = (torch.tensor(list(im.getdata()), dtype=torch.float32) for im in (ours, via_prompt))
+    assert (a - b).abs().max() <= 2
+    without = torch.tensor(list(generate(plain, p).images[0].getdata()), dtype=torch.float32)
+    assert (a - without).abs().max() > 2  # the LoRA is visible in the image
+
+
+def test_lora_checkpoint_holds_only_the_lora_and_resume_is_exact(base, tmp_path):
+    from sdstack.train.checkpoint import load_checkpoint
+
+    whole = _run(_cfg(base, tmp_path / "a", "lora", "optim.lr=0.01", "run.checkpoint_every=2"))
+    cfg = _cfg(base, tmp_path / "b", "lora", "optim.lr=0.01", "run.checkpoint_every=2")
+    assert _run(cfg, stop_at=2)["step"] == 2
+    state = load_checkpoint(tmp_path / "b" / "lora")
+    assert state["model"] and all(".lora_" in k for k in state["model"])  # no frozen base weights
+    resumed = _run(cfg, resume=tmp_path / "b" / "lora")
+    assert resumed["step"] == whole["step"] == 4
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole["model"]), load_file(resumed["model"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_from_another_method_is_refused_before_training(base, tmp_path):
+    _run(_cfg(base, tmp_path, "lora", "run.checkpoint_every=2"), stop_at=2)
+    cfg = _cfg(base, tmp_path, "full")
+    with pytest.raises(UserError, match="cannot resume a full run from a lora checkpoint"):
+        _run(cfg, resume=tmp_path / "lora")
+
+
+def test_lora_rank_larger_than_a_layer_is_refused(base, tmp_path):
+    with pytest.raises(UserError, match="lora.rank 64 is larger than the layer"):
+        _run(_cfg(base, tmp_path, "lora", "lora.rank=64"))
+
+
+# ---------------------------------------------------------------------------------------------- TI
+
+
+def test_textual_inversion_trains_only_the_vectors_and_the_file_works_by_name(base, tmp_path):
+    from sdstack.models.embeddings import EmbeddingLibrary, read_embedding
+    from sdstack.models.loader import load_model
+    from sdstack.prompts.conditioning import TextConditioner
+    from sdstack.train.finetune import FinetuneTask, TrainingText, encode_text
+    from sdstack.train.loop import train
+
+    cfg = _cfg(base, tmp_path, "textual_inversion", "optim.lr=0.05", data=str(base / "data-ti"), token="zring",
+               init_word="circle", num_vectors=2)
+    task = FinetuneTask(cfg)
+    before = {k: v.clone() for k, v in task.bundle.unet.state_dict().items()}
+    init = task.vectors[0].detach().clone()
+    result = train(cfg, task)
+    assert Path(result["model"]).name == "zring.safetensors"
+    after = task.bundle.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the UNet is frozen
+    assert (task.vectors[0].detach() - init).abs().max() > 1e-3  # the vectors moved
+
+    emb = read_embedding(result["model"])
+    assert emb.name == "zring" and emb.num_vectors == 2
+    torch.testing.assert_close(emb.vectors[""], task.vectors[0].detach().float())
+
+    plain = load_model(base / "model")
+    circle = plain.tokenizers[0].encode("circle")
+    table = plain.text_encoders[0].get_input_embeddings().weight
+    torch.testing.assert_close(init[0], table[circle[0]])  # initialised from the init word
+
+    lib_dir = tmp_path / "embeddings"
+    lib_dir.mkdir()
+    shutil.copy(result["model"], lib_dir / "zring.safetensors")
+    lib = EmbeddingLibrary(lib_dir, plain)
+    engine = TextConditioner(plain, embeddings=lib)("a red zring").context
+    text = TrainingText(plain, "zring", 2)(["a red zring"])
+    trained = encode_text(plain, plain.text_encoders, text["ids"], text["slots"], [emb.vectors[""]], 1)[0][0]
+    torch.testing.assert_close(engine, trained, atol=1e-5, rtol=1e-4)
+    no_emb = TextConditioner(plain)("a red zring").context
+    assert (no_emb - engine).abs().max() > 1e-3
+
+
+def test_textual_inversion_refuses_a_word_the_vocabulary_has(base, tmp_path):
+    with pytest.raises(UserError, match="already a word in the model's vocabulary"):
+        _run(_cfg(base, tmp_path, "textual_inversion", token="ring"))
+
+
+def test_textual_inversion_refuses_captions_without_the_token(base, tmp_path):
+    with pytest.raises(UserError, match="no caption contains the token 'zzqring'"):
+        _run(_cfg(base, tmp_path, "textual_inversion", token="zzqring"))
+
+
+# ---------------------------------------------------------------------------------------------- full / DreamBooth
+
+
+def test_full_finetune_writes_a_diffusers_folder_and_a_single_file_with_the_trained_unet(base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from sdstack.models.loader import load_model
+
+    cfg = _cfg(base, tmp_path, "full", "optim.lr=0.001", output_name="tuned")
+    result = _run(cfg)
+    folder = Path(result["model"])
+    single = tmp_path / "full" / "tuned.safetensors"
+    assert folder.name == "tuned" and single.is_file()
+    a, b = load_model(folder), load_model(single)
+    base_out = _unet_out(load_model(base / "model").unet)
+    out = _unet_out(a.unet)
+    assert (out - base_out).abs().max() > 1e-3
+    torch.testing.assert_close(_unet_out(b.unet), out, atol=1e-5, rtol=1e-4)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    torch.testing.assert_close(_unet_out(pipe.unet), out, atol=1e-5, rtol=1e-4)
+
+
+def test_dreambooth_class_images_are_made_once_and_weighted(base, tmp_path, monkeypatch):
+    from sdstack.train import finetune as ft
+
+    cfg = _cfg(base, tmp_path, "dreambooth", "dreambooth.class_steps=2", "dreambooth.prior_loss_weight=0.5",
+               class_prompt="a circle", num_class_images=3, instance_prompt="a sks ring")
+    task = ft.FinetuneTask(cfg)
+    class_dir = tmp_path / "dreambooth" / "class_images"
+    assert sorted(p.name for p in class_dir.glob("*.png")) == [f"class_0000{i}.png" for i in range(3)]
+    assert (class_dir / "class_00000.txt").read_text() == "a circle"
+    assert task.index.num_reg_images == task.index.num_train_images == 6  # kohya balancing: reg repeated to match
+
+    made = []
+    monkeypatch.setattr(ft, "_generate_class_image", lambda *a: made.append(a) or None)
+    ft.ensure_class_images(cfg, task.bundle)  # the same recipe: nothing new is generated
+    assert made == []
+
+    # one instance and one class image in a batch: loss = (l_inst + 0.5 l_class) / 2 with the same noise
+    reg = [i for i, it in enumerate(task.index.items) if task.index.subsets[it.subset].is_reg][0]
+    inst = [i for i, it in enumerate(task.index.items) if not task.index.subsets[it.subset].is_reg][0]
+    from accelerate import Accelerator
+
+    task.setup(Accelerator(cpu=True))
+    batch = task.make_batch([inst, reg], 0, 0)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    with torch.no_grad():
+        weighted, _ = task.loss(task.module, batch, g())
+        both, _ = task.loss(task.module, batch, g(), sample_weights=torch.tensor([1.0, 1.0]))  # (l0 + l1) / 2
+        first, _ = task.loss(task.module, batch, g(), sample_weights=torch.tensor([1.0, 0.0]))  # l0 / 2
+    expected = first + 0.5 * (both - first)  # (l0 + 0.5 l1) / 2
+    torch.testing.assert_close(weighted, expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(weighted, both)
+
+
+# ---------------------------------------------------------------------------------------------- data, errors, CLI
+
+
+def test_caches_are_reused_and_give_the_same_loss(base, tmp_path):
+    from accelerate import Accelerator
+
+    from sdstack.train.finetune import FinetuneTask
+
+    cfg = _cfg(base, tmp_path, "lora")
+    uncached = _cfg(base, tmp_path, "lora", "data.cache_latents=false", "data.cache_text=false")
+    t1 = FinetuneTask(cfg)
+    t1.setup(Accelerator(cpu=True))
+    assert t1.cache.misses == 12 and t1.cache.hits == 0  # 6 latents + 6 captions
+    t2 = FinetuneTask(cfg)
+    t2.setup(Accelerator(cpu=True))
+    assert t2.cache.misses == 0 and t2.cache.hits == 12
+    t3 = FinetuneTask(uncached)
+    t3.setup(Accelerator(cpu=True))
+    assert t3.cache is None
+    b_cached, b_plain = t2.make_batch([0, 1], 0, 0), t3.make_batch([0, 1], 0, 0)
+    assert "latents" in b_cached and "text" in b_cached and "latents" not in b_plain
+    l1, _ = t2.loss(t2.module, b_cached, torch.Generator().manual_seed(1))
+    l2, _ = t3.loss(t3.module, b_plain, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-4)
+
+
+def test_validation_loss_is_logged(base, tmp_path):
+    cfg = _cfg(base, tmp_path, "lora", "data.validation_split=0.34", "run.validate_every=2")
+    _run(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(r["val_loss"] > 0 for r in val)
+
+
+def _cli(*args) -> int:
+    from sdstack.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--data", "{tmp}/empty"], "no usable images"),
+    (["--data", "{tmp}/missing"], "data folder not found"),
+    (["--data", "{base}/data", "--set", "lora.nope=1"], "unknown key 'lora.nope'"),
+    (["--data", "{base}/data", "--set", "optim.decay='cosinus'"], "optim.decay must be one of"),
+    (["--data", "{base}/data", "--rank", "0"], "lora.rank must be at least 1"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_training(base, tmp_path, capsys, extra, needle):
+    (tmp_path / "empty").mkdir()
+    extra = [x.format(tmp=tmp_path, base=base) for x in extra]
+    code = _cli("finetune", "lora", "--model", base / "model", "--out", tmp_path / "run", *extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_trains_a_lora_with_flags(base, tmp_path, capsys):
+    code = _cli("finetune", "lora", "--model", base / "model", "--data", base / "data", "--steps", "2",
+                "--resolution", "32", "--rank", "2", "--out", tmp_path / "run", "--set", "run.threads=1",
+                "--set", "run.progress=false", "--set", "run.mixed_precision='no'")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "step 2" in out and "run.safetensors" in out
+    from sdstack.models.lora import read_lora
+
+    assert read_lora(tmp_path / "run" / "run.safetensors").metadata["ss_network_dim"] == "2"
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate launcher not installed")
+def test_accelerate_launch_two_cpu_processes_lora(base, tmp_path):
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "sdstack", "finetune", "lora", "--model", str(base / "model"),
+           "--data", str(base / "data"), "--steps", "2", "--resolution", "32", "--batch-size", "1",
+           "--out", str(tmp_path / "run"), "--set", "run.threads=1", "--set", "run.progress=true",
+           "--set", "run.mixed_precision='no'", "--set", f"data.cache_dir='{tmp_path / 'cache'}'"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout and run.stdout.count("model written to") == 1
+    from sdstack.models.lora import read_lora
+
+    assert read_lora(tmp_path / "run" / "run.safetensors").tensors
