@@ -376,8 +376,10 @@ class FinetuneTask(Task):
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE latents in the VAE's own precision (outside any autocast), exactly as the latent cache holds them."""
         b = self.bundle
-        z = b.vae.encode(pixels.to(self.device, next(b.vae.parameters()).dtype)).latent_dist.mean
+        with torch.autocast(self.device.type, enabled=False):
+            z = b.vae.encode(pixels.to(self.device, next(b.vae.parameters()).dtype)).latent_dist.mean
         return (z.float() - b.vae_shift_factor) * b.vae_scaling_factor
 
     @torch.no_grad()
@@ -391,17 +393,28 @@ class FinetuneTask(Task):
         return out
 
     def make_batch(self, items: list[int], epoch: int, number: int, index=None, which: int = 0) -> dict:
-        from ..data.dataset import collate_samples, load_sample
+        """The batch of `items` (one bucket): cached latents and text outputs where there are caches, else
+        pixels and captions; draw `number` of the epoch fixes crops, flips and caption options."""
+        from ..data.buckets import crop_info
+        from ..data.dataset import collate_samples, load_sample, process_caption, sample_rng
 
         index = index or self.index
-        n = len(items)
-        samples = [load_sample(index, i, seed=self.cfg.run.seed, epoch=epoch, position=number * n + j)
-                   for j, i in enumerate(items)]
-        batch = collate_samples(samples)
-        batch["reg"] = torch.tensor([index.subsets[index.items[i].subset].is_reg for i in items])
-        if self._latent_keys is not None:
+        size, seed = self.cfg.run.batch_size, self.cfg.run.seed
+        if self._latent_keys is not None:  # no pixels needed (caching implies no random crop or flip)
+            captions, crops = [], []
+            for j, i in enumerate(items):
+                item = index.items[i]
+                rng = sample_rng(seed, epoch, number * size + j)
+                captions.append(process_caption(item.caption, index.subsets[item.subset], rng))
+                crops.append(crop_info(item.assignment))
             keys = self._latent_keys[which]
-            batch["latents"] = torch.stack([self.cache.load(keys[i])["latents"] for i in items])
+            batch = {"latents": torch.stack([self.cache.load(keys[i])["latents"] for i in items]),
+                     "captions": captions, "crops": crops, "indices": list(items),
+                     "time_ids": torch.tensor([c.time_ids() for c in crops], dtype=torch.float32)}
+        else:
+            batch = collate_samples([load_sample(index, i, seed=seed, epoch=epoch, position=number * size + j)
+                                     for j, i in enumerate(items)])
+        batch["reg"] = torch.tensor([index.subsets[index.items[i].subset].is_reg for i in items])
         if self._text_keys is not None:
             keys = self._text_keys[which]
             loaded = [self.cache.load(keys[i]) for i in items]
@@ -412,8 +425,13 @@ class FinetuneTask(Task):
 
     def loss(self, model, batch: dict, generator: torch.Generator, *, sample_weights=None):
         x0 = batch["latents"].to(self.device) if "latents" in batch else self.encode_pixels(batch["pixels"])
-        text = {k: v.to(self.device) for k, v in batch["text"].items()} if "text" in batch else \
-            self.text(batch["captions"])
+        if "text" in batch:
+            text = {k: v.to(self.device) for k, v in batch["text"].items()}
+        elif not (self.cfg.trains_text_encoder or self.vectors is not None):
+            with torch.autocast(self.device.type, enabled=False):  # frozen: as the text cache computes it
+                text = self._encode_captions(batch["captions"])
+        else:
+            text = self.text(batch["captions"])
         if sample_weights is None and self.cfg.method == "dreambooth":
             w = self.cfg.dreambooth.prior_loss_weight
             sample_weights = torch.where(batch["reg"], torch.tensor(w), torch.tensor(1.0))
@@ -521,8 +539,9 @@ class FinetuneTask(Task):
         return folder
 
     def _epochs(self) -> int:
-        per_epoch = max(1, self.index.num_train_images + self.index.num_reg_images)
-        return -(-self.cfg.run.max_steps * self.cfg.run.batch_size * self.cfg.run.grad_accum // per_epoch)
+        """kohya's ss_num_epochs: epochs the run's batches span (bucketed epochs end with short batches)."""
+        per_epoch = sum(len(self.index.batches(d, self.cfg.run.seed, 0)) for d in range(len(self.index.config.datasets)))
+        return -(-self.cfg.run.max_steps * self.cfg.run.grad_accum // max(1, per_epoch))
 
     def _resolution(self) -> str:
         r = self.cfg.data.resolution or self.bundle.default_size
@@ -612,19 +631,19 @@ def ensure_class_images(cfg: FinetuneConfig, bundle) -> Path:
     done = json.loads(manifest.read_text()) if manifest.is_file() else {}
     if done.get("recipe") != recipe:
         done = {"recipe": recipe, "images": []}
-    have = [n for n in done["images"] if (folder / n).is_file()]
-    todo = range(len(have), db.num_class_images)
+    have = {n for n in done["images"] if (folder / n).is_file()}
+    names = [f"class_{i:05d}.png" for i in range(db.num_class_images)]
+    todo = [i for i, n in enumerate(names) if n not in have]
     for i in tqdm(todo, desc="class images", disable=not todo, unit="img"):
         image = _generate_class_image(bundle, db, i, res)
-        name = f"class_{i:05d}.png"
-        tmp = folder / f".{name}.tmp"
+        tmp = folder / f".{names[i]}.tmp"
         image.save(tmp, format="PNG")
-        tmp.replace(folder / name)
-        (folder / f"class_{i:05d}.txt").write_text(db.class_prompt, encoding="utf-8")
-        have.append(name)
-        manifest.write_text(json.dumps({"recipe": recipe, "images": have}, indent=1))
+        tmp.replace(folder / names[i])
+        (folder / names[i]).with_suffix(".txt").write_text(db.class_prompt, encoding="utf-8")
+        have.add(names[i])
+        manifest.write_text(json.dumps({"recipe": recipe, "images": sorted(have)}, indent=1))
     for stale in folder.glob("class_*.png"):
-        if stale.name not in have:
+        if stale.name not in names:
             stale.unlink()
             stale.with_suffix(".txt").unlink(missing_ok=True)
     return folder

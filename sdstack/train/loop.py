@@ -283,11 +283,12 @@ class _Reporter:
 
             self.bar = tqdm(total=trainer.cfg.run.max_steps, initial=start, unit="step", dynamic_ncols=True)
         self.t0, self.s0, self.end = time.time(), start, end
+        self.images = 0  # counted from the batches (bucketed data has short batches)
         self.paused = 0.0  # seconds spent on samples and checkpoints, left out of images/s
         self.metrics = trainer.run_dir / "metrics.jsonl" if self.main else None
 
     def images_per_second(self, step: int) -> float:
-        return (step - self.s0) * self.items / max(1e-9, time.time() - self.t0 - self.paused)
+        return self.images / max(1e-9, time.time() - self.t0 - self.paused)
 
     @contextlib.contextmanager
     def pause(self):
@@ -297,7 +298,8 @@ class _Reporter:
         finally:
             self.paused += time.time() - t
 
-    def update(self, step: int, logs: dict, lr: float) -> None:
+    def update(self, step: int, logs: dict, lr: float, images: int | None = None) -> None:
+        self.images += self.items if images is None else images
         if not self.main:
             return
         ips = self.images_per_second(step)
@@ -344,12 +346,13 @@ def run_loop(t: Trainer, stop_at: int | None) -> dict:
             pending.append(batch)
             if len(pending) < cfg.grad_accum:
                 continue
+            images = sum(len(b["captions"]) for b in pending) * t.acc.num_processes
             logs = t.train_step(pending)
             pending = []
             t.step += 1
             logs["loss"] = t._mean_loss(logs["loss"])
             t.history.append((t.step, logs["loss"]))
-            rep.update(t.step, logs, t.scheduler.get_last_lr()[0])
+            rep.update(t.step, logs, t.scheduler.get_last_lr()[0], images)
             if not math.isfinite(logs["loss"]):
                 raise RuntimeError(f"loss became {logs['loss']} at step {t.step}")
             validate_every = getattr(cfg, "validate_every", 0)
@@ -373,9 +376,10 @@ def run_loop(t: Trainer, stop_at: int | None) -> dict:
                 rep.note(f"checkpoint {path}" if path else "")
             if stopped:
                 break
+    ips = rep.images_per_second(t.step)  # before the final save: only training time counts
     if not stopped and (not cfg.checkpoint_every or t.step % cfg.checkpoint_every):
         t.save()
-    result = {"step": t.step, "images_per_second": rep.images_per_second(t.step),
+    result = {"step": t.step, "images_per_second": ips,
               "loss": t.history[-1][1] if t.history else None, "stopped": stopped,
               "main_process": t.acc.is_main_process}
     if t.step >= cfg.max_steps and not stopped:

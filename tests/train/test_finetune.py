@@ -223,6 +223,15 @@ def test_dreambooth_class_images_are_made_once_and_weighted(base, tmp_path, monk
     monkeypatch.setattr(ft, "_generate_class_image", lambda *a: made.append(a) or None)
     ft.ensure_class_images(cfg, task.bundle)  # the same recipe: nothing new is generated
     assert made == []
+    from PIL import Image
+
+    (class_dir / "class_00001.png").unlink()
+    monkeypatch.setattr(ft, "_generate_class_image",
+                        lambda bundle, db, seed, res: made.append(seed) or Image.new("RGB", (res, res)))
+    ft.ensure_class_images(cfg, task.bundle)  # only the missing one, with its own seed
+    assert made == [1] and len(list(class_dir.glob("class_*.png"))) == 3
+    assert json.loads((class_dir / "class_images.json").read_text())["images"] == \
+        [f"class_0000{i}.png" for i in range(3)]
 
     # one instance and one class image in a batch: loss = (l_inst + 0.5 l_class) / 2 with the same noise
     reg = [i for i, it in enumerate(task.index.items) if task.index.subsets[it.subset].is_reg][0]
