@@ -338,3 +338,23 @@ def test_accelerate_launch_two_cpu_processes_lora(base, tmp_path):
     from sdstack.models.lora import read_lora
 
     assert read_lora(tmp_path / "run" / "run.safetensors").tensors
+
+
+def test_sdxl_lora_with_text_encoders_trains_and_reads_back(tmp_path):
+    from sdstack.eval.concepts import concept_dataset
+    from sdstack.models.loader import load_model
+    from sdstack.models.lora import match_lora, read_lora
+    from sdstack.models.tiny import save_diffusers_folder, tiny_bundle
+
+    save_diffusers_folder(tiny_bundle("sdxl", seed=0), tmp_path / "xl")
+    concept_dataset("ring", tmp_path / "data", n=3, seed=0, token="sks", resolution=32)
+    base = tmp_path
+    cfg = _cfg(base, tmp_path, "lora", "lora.train_text_encoder=true", "lora.rank=2", "optim.lr=0.01",
+               model=str(tmp_path / "xl"), data=str(tmp_path / "data"), steps=2)
+    result = _run(cfg)
+    lora = read_lora(result["model"])
+    keys = list(lora.tensors)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)  # SDXL kohya files use LDM names
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    m = match_lora(lora, load_model(tmp_path / "xl"))
+    assert not m.unmatched and lora.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
