@@ -346,13 +346,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SystemExit:
-        raise
-    except Exception as e:  # noqa: BLE001 - a failed run must exit non-zero with the reason
-        import traceback
+    from _common import run_main
 
-        traceback.print_exc()
-        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)
