@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -28,6 +26,7 @@ import torch
 from PIL import Image
 
 from ..models.hashing import HashCache
+from ..fsio import atomic_write
 
 CACHE_VERSION = 1  # bump when the meaning of a cached value changes (resize filter, latent layout, ...)
 _META_KEY = "sdstack_cache"
@@ -113,19 +112,7 @@ class FeatureCache:
         from safetensors.torch import save
 
         data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={_META_KEY: key})
-        p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return p
+        return atomic_write(self.path(key), data)
 
     def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The cached tensors for `key`, computing and storing them on a miss (counted in hits/misses)."""

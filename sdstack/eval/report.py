@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from ..fsio import atomic_path
 
 CLAIM_ORDER = ("shape", "colour", "count", "size", "place", "relation", "background")
 FAIL_COLOUR = (230, 20, 20)
@@ -38,15 +38,8 @@ def format_overview(summaries: list[dict]) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(summaries: dict | list[dict], path: str | os.PathLike) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from sdstack.errors import UserError
+from ..fsio import atomic_path
 
 __all__ = ["save_image_atomic", "read_infotext", "read_other_info", "encode_user_comment", "decode_user_comment"]
 
@@ -142,27 +142,6 @@ def _save_options(fmt: str, infotext: str | None, quality: int, lossless: bool,
     return {}
 
 
-def _open_temp(folder: Path, name: str) -> tuple[int, Path]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-    while True:
-        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_image_atomic(
     image: Image.Image,
     path: str | os.PathLike,
@@ -183,18 +162,8 @@ def save_image_atomic(
     options = _save_options(fmt, infotext, quality, lossless, extra_pnginfo)
     prepared = _prepare(image, fmt)
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = _open_temp(folder, path.name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            prepared.save(f, format=fmt, **options)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
+    with atomic_path(folder / path.name, make_parents=False) as tmp, open(tmp, "wb") as f:
+        prepared.save(f, format=fmt, **options)
     return path
 
 

@@ -15,9 +15,7 @@ encoder is skipped and listed with the reason.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 from ..errors import UnsafeCheckpointError, UserError, unknown_name
 from .hashing import HashCache
 from .io import read_safetensors_metadata
+from ..fsio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +166,7 @@ def save_embedding_a1111(path: str | Path, name: str, vectors: torch.Tensor | di
     if set(vec) not in ({""}, set(SDXL_KEYS)):
         raise ValueError(f"vectors must be one tensor or a dict with keys {SDXL_KEYS}, got {sorted(vec)}")
     info = {"name": name, "step": step, "sd_checkpoint": sd_checkpoint, "sd_checkpoint_name": sd_checkpoint_name}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=p.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(p) as tmp:
         if p.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
@@ -179,10 +175,6 @@ def save_embedding_a1111(path: str | Path, name: str, vectors: torch.Tensor | di
         else:
             payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": vec[""]}} if "" in vec else dict(vec)
             torch.save({**payload, **info}, tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return p
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from pathlib import Path
+from ..fsio import atomic_write
 
 _BLOCK = 1 << 20
 _lock = threading.Lock()
@@ -83,10 +83,7 @@ class HashCache:
     def _save(self) -> None:
         if not self.cache_file:
             return
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self._data, indent=0))
-        os.replace(tmp, self.cache_file)
+        atomic_write(self.cache_file, json.dumps(self._data, indent=0), durable=False)
 
 
 def tree_sha256(folder: str | Path) -> str:

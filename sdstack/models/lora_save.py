@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping
@@ -31,6 +29,7 @@ import torch
 
 from ..errors import UserError
 from .lora import ldm_unet_module_names
+from ..fsio import atomic_write
 
 NETWORK_MODULE = "networks.lora"
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
@@ -195,18 +194,7 @@ def save_kohya_lora(path: str | Path, bundle, modules: LoraModules, *, metadata:
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.setdefault("ss_network_module", NETWORK_MODULE)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(save(tensors, metadata=meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, save(tensors, metadata=meta))
 
 
 # ---------------------------------------------------------------------------------------------- peft

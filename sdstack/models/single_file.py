@@ -9,8 +9,6 @@ Everything is strict: unknown or missing keys and wrong shapes are errors that n
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Mapping
 
@@ -25,6 +23,7 @@ from .convert import LAYOUTS, diffusers_to_ldm, ldm_to_diffusers, load_into
 from .convert.clip import to_canonical
 from .convert.keymap import check_keys, check_shapes
 from .detect import DetectedModel, detect_family, guess_v_prediction, yaml_prediction_type
+from ..fsio import atomic_path
 
 METADATA_KEY = "sdstack_configs"
 CONFIG_PARTS = ("family", "unet", "vae", "text_encoders", "scheduler")
@@ -124,14 +123,8 @@ def write_single_file(bundle: ModelBundle, path: str | Path) -> Path:
     ldm = diffusers_to_ldm(components, bundle.family, configs)
     tensors = {k: v.detach().cpu().contiguous() for k, v in ldm.items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs, default=str)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"  # same filesystem, so the rename is atomic
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..fsio import atomic_write
 
 STATE_FILE = "state.pt"
 LATEST = "latest"
@@ -40,14 +41,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -77,7 +71,7 @@ def save_checkpoint(run_dir: str | Path, state: dict, config_toml: str, *, step:
         os.replace(final, old)
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
-    _write_atomic(root / LATEST, final.name + "\n")
+    atomic_write(root / LATEST, final.name + "\n")
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -30,6 +30,7 @@ from .diffusion import diffusion_loss, training_alphas
 from .finetune_config import FinetuneConfig
 from .loop import Task, seed_everything, train
 from .plots import image_grid, save_png
+from ..fsio import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -636,10 +637,9 @@ def ensure_class_images(cfg: FinetuneConfig, bundle) -> Path:
     todo = [i for i, n in enumerate(names) if n not in have]
     for i in tqdm(todo, desc="class images", disable=not todo, unit="img"):
         image = _generate_class_image(bundle, db, i, res)
-        tmp = folder / f".{names[i]}.tmp"
-        image.save(tmp, format="PNG")
-        tmp.replace(folder / names[i])
-        (folder / names[i]).with_suffix(".txt").write_text(db.class_prompt, encoding="utf-8")
+        with atomic_path(folder / names[i]) as tmp:
+            image.save(tmp, format="PNG")
+        atomic_write((folder / names[i]).with_suffix(".txt"), db.class_prompt)
         have.add(names[i])
         manifest.write_text(json.dumps({"recipe": recipe, "images": sorted(have)}, indent=1))
     for stale in folder.glob("class_*.png"):

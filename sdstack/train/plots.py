@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from ..fsio import atomic_path
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, durable=False) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def image_grid(images: list[Image.Image], columns: int, cell: int = 128, labels: list[str] | None = None,
