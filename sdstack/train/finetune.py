@@ -162,7 +162,8 @@ def _data_config(cfg: FinetuneConfig, bundle):
     options = {"resolution": res, "enable_bucket": d.enable_bucket, "bucket_reso_steps": step,
                "min_bucket_reso": d.min_bucket_reso or max(step, res // 2),
                "max_bucket_reso": d.max_bucket_reso or res * 2, "batch_size": cfg.run.batch_size,
-               "caption_extension": d.caption_extension, "shuffle_caption": d.shuffle_caption,
+               "caption_extension": d.caption_extension, "require_captions": d.require_captions,
+               "shuffle_caption": d.shuffle_caption,
                "keep_tokens": d.keep_tokens, "caption_dropout_rate": d.caption_dropout_rate,
                "flip_aug": d.flip_aug, "random_crop": d.random_crop}
     data = load_data_config(d.dataset) if d.dataset else folder_config(d.train_data_dir, **options)

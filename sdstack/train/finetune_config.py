@@ -35,6 +35,8 @@ class FinetuneData:
     train_data_dir: str = ""  # or one folder: images + captions, or kohya `N_name` sub-folders (N repeats)
     resolution: int = 0  # 0 = the model's native size
     caption_extension: str = ".txt"
+    require_captions: bool = False  # images without a caption file are an error (else they train on the
+    #                                 folder's class tokens, or on the empty caption)
     enable_bucket: bool = True
     min_bucket_reso: int = 0  # 0 = resolution / 2
     max_bucket_reso: int = 0  # 0 = resolution * 2

@@ -300,9 +300,13 @@ def _cli(*args) -> int:
     (["--data", "{base}/data", "--set", "lora.nope=1"], "unknown key 'lora.nope'"),
     (["--data", "{base}/data", "--set", "optim.decay='cosinus'"], "optim.decay must be one of"),
     (["--data", "{base}/data", "--rank", "0"], "lora.rank must be at least 1"),
+    (["--data", "{tmp}/uncaptioned", "--set", "data.require_captions=true"], "have no caption"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_training(base, tmp_path, capsys, extra, needle):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "uncaptioned").mkdir()
+    for p in list((base / "data").glob("*.png"))[:2]:
+        shutil.copy(p, tmp_path / "uncaptioned" / p.name)
     extra = [x.format(tmp=tmp_path, base=base) for x in extra]
     code = _cli("finetune", "lora", "--model", base / "model", "--out", tmp_path / "run", *extra)
     err = capsys.readouterr().err.strip()
@@ -358,3 +362,21 @@ def test_sdxl_lora_with_text_encoders_trains_and_reads_back(tmp_path):
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
     m = match_lora(lora, load_model(tmp_path / "xl"))
     assert not m.unmatched and lora.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base, tmp_path):
+    from accelerate import Accelerator
+
+    from sdstack.train.finetune import FinetuneTask
+
+    grads = []
+    for on in (False, True):
+        cfg = _cfg(base, tmp_path / str(on), "full", f"gradient_checkpointing={'true' if on else 'false'}")
+        task = FinetuneTask(cfg)
+        task.setup(Accelerator(cpu=True))
+        assert task.bundle.unet.is_gradient_checkpointing == on
+        loss, _ = task.loss(task.module, task.make_batch([0, 1], 0, 0), torch.Generator().manual_seed(3))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in task.bundle.unet.parameters()]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
