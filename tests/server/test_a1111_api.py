@@ -128,7 +128,10 @@ def test_lists(client):
     assert schedulers["Karras"]["name"] == "karras" and schedulers["Karras"]["default_rho"] == 7.0
     assert set(schedulers["Automatic"]) == {"name", "label", "aliases", "default_rho", "need_inner_model"}
     models = client.get("/sdapi/v1/sd-models").json()
-    assert [m["model_name"] for m in models] == ["tiny", "tiny2"]
+    from sdstack.models.registry import builtin_model_path
+
+    builtin = ["shapes-v1"] if builtin_model_path() else []  # the built-in model is listed with the others
+    assert [m["model_name"] for m in models] == builtin + ["tiny", "tiny2"]
     assert set(models[0]) == {"title", "model_name", "hash", "sha256", "filename", "config"}
     assert client.get("/sdapi/v1/sd-vae").json() == []
     assert client.get("/sdapi/v1/loras").json() == []
