@@ -89,9 +89,9 @@ def _instrument(info: dict) -> None:
     info["steps"], info["batch_sizes"] = [], []
     update = loop._Reporter.update
 
-    def timed_update(self, step, logs, lr):
+    def timed_update(self, step, logs, lr, *rest):
         info["steps"].append((step, time.perf_counter()))
-        return update(self, step, logs, lr)
+        return update(self, step, logs, lr, *rest)
 
     loop._Reporter.update = timed_update
     make_batch = FinetuneTask.make_batch
