@@ -204,8 +204,28 @@ def from_dict(cls, data: dict, where: str = ""):
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise UserError(f"config: unknown key {key!r}; valid in {'[' + where + ']' if where else 'the top level'}: "
                         f"{', '.join(names)}", field=key)
-    values = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for k, v in data.items():
+        path = f"{where}.{k}" if where else k
+        f = fields[k]
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
+            # a table given in part keeps the parent's own defaults for the rest (e.g. a fine-tune's [run])
+            base = f.default_factory()
+            values[k] = _merge(base, from_dict(hints[k], v, path), v)
+        else:
+            values[k] = _coerce(v, hints[k], path)
     return cls(**values)
+
+
+def _merge(base, parsed, given: dict):
+    """`base` with the keys present in `given` taken from `parsed` (nested tables merged the same way)."""
+    updates = {}
+    for k, v in given.items():
+        new = getattr(parsed, k)
+        old = getattr(base, k)
+        updates[k] = _merge(old, new, v) if dataclasses.is_dataclass(old) and isinstance(v, dict) else new
+    return dataclasses.replace(base, **updates)
 
 
 def _check_choice(value, valid, where: str) -> None:

@@ -380,3 +380,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(base, tmp_path):
         grads.append(torch.cat([p.grad.flatten() for p in task.bundle.unet.parameters()]))
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_a_partial_table_keeps_the_fine_tune_defaults(base, tmp_path):
+    from sdstack.train.finetune_config import FinetuneConfig
+
+    plain = FinetuneConfig()
+    cfg = _cfg(base, tmp_path, "lora", "ema.warmup=false", lr=3e-4)  # [run], [optim], [ema] given in part
+    assert cfg.run.batch_size == 2 and cfg.run.checkpoint_every == plain.run.checkpoint_every == 0
+    assert cfg.optim.lr == 3e-4 and cfg.optim.warmup_steps == plain.optim.warmup_steps == 0
+    assert cfg.optim.decay == plain.optim.decay == "constant"
+    assert cfg.ema.decay == 0.0 and cfg.ema.warmup is False

@@ -1,0 +1,254 @@
+"""Proof that fine-tuning works on the built-in model (issue 5): teach shapes-v1 a concept its world never shows,
+from 10 images, with each method, and measure it with the oracle.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/finetune_proof.py                     # all 8 runs, built-in model
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/finetune_proof.py --model /tmp/cand --methods lora --concepts ring \
+        --limit 22 --single-limit 22 --out runs/finetune-proof-dev                  # one quick run
+
+For each concept (ring: a new shape; outline: a style) and each method (lora, dreambooth, textual_inversion,
+full):
+1. data: `concept_dataset(concept, OUT/data/<concept>, n=10, token=TOKEN)`: 10 images with captions that carry
+   the trigger TOKEN ("a red zwx ring on a white background", "a blue star, zwx style"). TOKEN is one new word,
+   not in the CLIP vocabulary (textual inversion refuses known words), the same for every method;
+2. training: `sdstack finetune <method> --config configs/finetune-proof/<method>.toml --model M --data DIR
+   --out OUT/runs/<method>-<concept>` in a subprocess (a clean process per run), plus what depends on the concept:
+   DreamBooth's --class-prompt (CLASS_PROMPTS) and textual inversion's --token and --init-word (INIT_WORDS).
+   Recorded: wall time (model loading, class images and export included) and the trainer's own images/s
+   ("last loss ..., N images/s");
+3. measurement, `sdstack eval` subprocesses on the trained result (`--model` for dreambooth and full, the base
+   `--model` plus `--lora` / `--embedding` for lora and textual inversion), default sampling settings:
+     concept share  `--concept C --token TOKEN --limit LIMIT`: the share of images that show the concept in the
+                    prompted colour (and, for information, in any colour);
+     single score   `--suite single --limit SINGLE_LIMIT` (prompts without the token, the LoRA applied): the
+                    oracle's accuracy, against the base model's on the same prompts and seeds (one more eval).
+                    The suite lists every colour-shape pair first, colour by colour, so the default 70 prompts
+                    hold each pair once; a smaller limit leaves colours out.
+   Goals: concept share >= 80%, retention (single score / base score) >= 95%.
+
+DreamBooth's prior preservation uses class images the base model draws from a class prompt (CLASS_PROMPTS): "a
+circle" for the ring, the world's nearest shape, so that circles stay circles; "a circle" for the outline style
+too: its instance captions are ordinary world captions plus ", TOKEN style", and a DreamBooth run has one class
+prompt, so the class images anchor the un-outlined look of the world's commonest kind of prompt (one coloured
+shape, as in the `single` suite).
+
+Writes OUT/proof.md (the table) and OUT/proof.json (every number, the commands and settings); prints the table.
+Exit status 0 even when a goal is missed (the table says which); 1 if a run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("lora", "dreambooth", "textual_inversion", "full")
+CONCEPTS = ("ring", "outline")
+TOKEN = "zwx"  # tokenizes to 'z' + 'wx</w>': not a CLIP word, and no word of the shapes world
+CLASS_PROMPTS = {"ring": "a circle", "outline": "a circle"}  # DreamBooth prior preservation (module docstring)
+INIT_WORDS = {"ring": "circle", "outline": "*"}  # textual inversion: the new word's vectors start from this word
+CONCEPT_GOAL = 0.80
+RETENTION_GOAL = 0.95
+IMAGES_PER_SECOND = re.compile(r"last loss [-+0-9.einf]+, ([0-9.]+) images/s")
+WRITTEN = re.compile(r"model written to (.+)$", re.MULTILINE)
+
+
+def _sdstack(args: list[str], log: Path, threads: int) -> tuple[str, float]:
+    """Run `sdstack ARGS` in a fresh process; returns (its output, wall seconds). Output also goes to `log`."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "sdstack", *args]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ sdstack " + shlex.join(args), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - start
+    log.write_text("$ " + shlex.join(cmd) + "\n" + proc.stdout, encoding="utf-8")
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        raise RuntimeError(f"sdstack {args[0]} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    return proc.stdout, seconds
+
+
+def _eval_args(opts, limit: int) -> list[str]:
+    args = ["--limit", str(limit), "--seeds", str(opts.seeds)]
+    for flag, value in (("--steps", opts.steps), ("--sampler", opts.sampler), ("--scheduler", opts.scheduler),
+                        ("--cfg", opts.cfg)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def _summary(out_dir: Path, suite: str) -> dict:
+    return json.loads((out_dir / f"{suite}.json").read_text())
+
+
+def check_token(token: str) -> None:
+    from sdstack.models.tokenizer import ClipTokenizer
+
+    if f"{token.lower()}</w>" in ClipTokenizer().encoder:
+        raise SystemExit(f"--token {token!r} is a CLIP word; textual inversion needs a new one (e.g. {token}x)")
+    if not re.fullmatch(r"[a-z]+", token):
+        raise SystemExit(f"--token {token!r}: use lower-case letters only")
+
+
+def train(opts, method: str, concept: str, data: Path) -> dict:
+    """One fine-tune run in a subprocess: the result's path, wall time and the trainer's images/s."""
+    name = f"{method.replace('_', '-')}-{concept}{opts.tag}"
+    run_dir = opts.out / "runs" / name
+    args = ["finetune", method.replace("_", "-"), "--config", str(opts.configs / f"{method}.toml"),
+            "--data", str(data), "--out", str(run_dir)]
+    if opts.model:
+        args += ["--model", str(opts.model)]
+    if method == "textual_inversion":
+        args += ["--token", opts.token, "--init-word", INIT_WORDS[concept]]
+    if method == "dreambooth":
+        args += ["--class-prompt", CLASS_PROMPTS[concept]]
+    for item in opts.set:
+        args += ["--set", item]
+    output, seconds = _sdstack(args, opts.out / "logs" / f"train-{name}.log", opts.threads)
+    ips = IMAGES_PER_SECOND.search(output)
+    written = WRITTEN.search(output)
+    if written is None:
+        raise RuntimeError(f"no 'model written to' line in the output of {name}")
+    return {"run": name, "result": written.group(1).strip(), "train_seconds": round(seconds, 1),
+            "images_per_second": float(ips.group(1)) if ips else None, "command": "sdstack " + shlex.join(args)}
+
+
+def _result_args(opts, method: str | None, result: str | None) -> list[str]:
+    """The `sdstack eval` arguments that select a trained result (the base model for method None)."""
+    if method in ("dreambooth", "full"):
+        return ["--model", str(result)]
+    args = ["--model", str(opts.model)] if opts.model else []
+    if method == "lora":
+        args += ["--lora", str(result)]
+    elif method == "textual_inversion":
+        args += ["--embedding", str(result)]
+    return args
+
+
+def eval_single(opts, name: str, method: str | None = None, result: str | None = None) -> dict:
+    """The `single` suite (prompts without the token) on a trained result, or on the base model (method None;
+    reused from an earlier run with the same command)."""
+    out_dir = opts.out / "eval" / name
+    args = ["eval", "--suite", "single", "--out", str(out_dir), *_eval_args(opts, opts.single_limit),
+            *_result_args(opts, method, result)]
+    command = "sdstack " + shlex.join(args)
+    saved = out_dir / "row.json"
+    if method is None and saved.is_file() and json.loads(saved.read_text()).get("single_command") == command:
+        print(f"base model's single score from {out_dir} (same command)", flush=True)
+        return json.loads(saved.read_text())
+    _, seconds = _sdstack(args, opts.out / "logs" / f"eval-single-{name}.log", opts.threads)
+    row = {"single": _summary(out_dir, "single")["accuracy"], "single_seconds": round(seconds, 1),
+           "single_command": command}
+    saved.write_text(json.dumps(row))
+    return row
+
+
+def eval_concept(opts, name: str, concept: str, method: str, result: str) -> dict:
+    """The concept's prompts with the token: the share of images that show the concept in the prompted colour."""
+    out_dir = opts.out / "eval" / name
+    args = ["eval", "--concept", concept, "--token", opts.token, "--out", str(out_dir),
+            *_eval_args(opts, opts.limit), *_result_args(opts, method, result)]
+    _, seconds = _sdstack(args, opts.out / "logs" / f"eval-concept-{name}.log", opts.threads)
+    found = _summary(out_dir, f"concept-{concept}")
+    return {"concept_share": found["accuracy"], "concept_any_colour": found["claims"]["concept"],
+            "concept_seconds": round(seconds, 1), "concept_command": "sdstack " + shlex.join(args)}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def table(rows: list[dict], base: float) -> str:
+    lines = ["| method | concept | concept share (goal >= 80%) | concept, any colour | single score "
+             f"(base {_pct(base)}) | retention (goal >= 95%) | train time | img/s | concept goal | retention goal |",
+             "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['concept']} | {_pct(r['concept_share'])} | "
+                     f"{_pct(r['concept_any_colour'])} | {_pct(r['single'])} | {_pct(r['retention'])} | "
+                     f"{r['train_seconds']:.0f} s | {r['images_per_second'] or 0:.1f} | "
+                     f"{'pass' if r['concept_pass'] else 'FAIL'} | {'pass' if r['retention_pass'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="Base model folder or file [default: built-in].")
+    ap.add_argument("--concepts", default=",".join(CONCEPTS), help="Comma-separated: ring, outline.")
+    ap.add_argument("--methods", default=",".join(METHODS), help="Comma-separated: " + ", ".join(METHODS) + ".")
+    ap.add_argument("--limit", type=int, default=44, help="Concept prompts per eval (11 colours in turn).")
+    ap.add_argument("--single-limit", type=int, default=70,
+                    help="The first N prompts of the single suite (the first 70 hold every colour-shape pair once).")
+    ap.add_argument("--seeds", type=int, default=1, help="Images per prompt.")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "finetune-proof", help="Output folder.")
+    ap.add_argument("--token", default=TOKEN, help="The trigger word (not a CLIP word).")
+    ap.add_argument("--configs", type=Path, default=ROOT / "configs" / "finetune-proof", help="Recipe folder.")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of every subprocess.")
+    ap.add_argument("--tag", default="", help="Suffix of the run names (for experiments in one --out).")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Passed to every `sdstack finetune` as --set (for experiments).")
+    ap.add_argument("--steps", type=int, default=None, help="Eval sampling steps [default: sdstack eval's].")
+    ap.add_argument("--sampler", default=None, help="Eval sampler [default: sdstack eval's].")
+    ap.add_argument("--scheduler", default=None, help="Eval schedule [default: sdstack eval's].")
+    ap.add_argument("--cfg", type=float, default=None, help="Eval CFG scale [default: sdstack eval's].")
+    opts = ap.parse_args(argv)
+    methods = [m.strip().replace("-", "_") for m in opts.methods.split(",") if m.strip()]
+    concepts = [c.strip() for c in opts.concepts.split(",") if c.strip()]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+    for c in concepts:
+        if c not in CONCEPTS:
+            ap.error(f"unknown concept {c!r}; valid: {', '.join(CONCEPTS)}")
+    check_token(opts.token)
+    opts.out = opts.out.resolve()
+    from sdstack.eval.concepts import concept_dataset
+
+    started = time.perf_counter()
+    try:
+        base = eval_single(opts, "base")
+        rows = []
+        for concept in concepts:
+            data = opts.out / "data" / concept
+            concept_dataset(concept, data, n=10, token=opts.token)
+            for method in methods:
+                row = {"method": method, "concept": concept, **train(opts, method, concept, data)}
+                row.update(eval_concept(opts, row["run"], concept, method, row["result"]))
+                row.update(eval_single(opts, row["run"], method, row["result"]))
+                row["retention"] = row["single"] / base["single"] if base["single"] else None
+                row["concept_pass"] = row["concept_share"] >= CONCEPT_GOAL
+                row["retention_pass"] = row["retention"] is not None and row["retention"] >= RETENTION_GOAL
+                rows.append(row)
+                print(f"{method} {concept}: concept {_pct(row['concept_share'])} (any colour "
+                      f"{_pct(row['concept_any_colour'])}), single {_pct(row['single'])} "
+                      f"(base {_pct(base['single'])}), train {row['train_seconds']:.0f} s", flush=True)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    text = table(rows, base["single"])
+    settings = {"model": str(opts.model or "built-in"), "token": opts.token, "limit": opts.limit,
+                "seeds": opts.seeds, "threads": opts.threads, "single_limit": opts.single_limit,
+                "eval_args": _eval_args(opts, opts.limit)[4:], "set": opts.set,
+                "class_prompts": {c: CLASS_PROMPTS[c] for c in concepts}, "total_seconds":
+                round(time.perf_counter() - started, 1)}
+    (opts.out / "proof.json").write_text(json.dumps({"settings": settings, "base": base, "runs": rows}, indent=1))
+    md = (f"Fine-tune proof on {settings['model']}: token {opts.token!r}; {opts.limit} concept prompts and the "
+          f"first {opts.single_limit} single prompts, {opts.seeds} seed(s) each; {opts.threads} thread(s); total "
+          f"{settings['total_seconds'] / 60:.1f} min.\n\n{text}\n")
+    (opts.out / "proof.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
