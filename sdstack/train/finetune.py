@@ -400,7 +400,7 @@ class FinetuneTask(Task):
         from ..data.buckets import crop_info
         from ..data.dataset import collate_samples, load_sample, process_caption, sample_rng
 
-        index = index or self.index
+        index = self.index if index is None else index
         size, seed = self.cfg.run.batch_size, self.cfg.run.seed
         if self._latent_keys is not None:  # no pixels needed (caching implies no random crop or flip)
             captions, crops = [], []
@@ -453,7 +453,7 @@ class FinetuneTask(Task):
         items = list(range(min(len(ix.items), VALIDATION_ITEMS)))
         total, count = 0.0, 0
         for start in range(0, len(items), self.cfg.run.batch_size):
-            chunk = [i for i in items[start:start + self.cfg.run.batch_size]]
+            chunk = items[start:start + self.cfg.run.batch_size]
             by_bucket: dict = {}
             for i in chunk:
                 by_bucket.setdefault(ix.items[i].bucket, []).append(i)

@@ -1,11 +1,7 @@
 """Fixtures for the web UI tests: a tiny model, a real server with the UI and --api-auth, headless Chromium."""
 
-import contextlib
 import os
 import shutil
-import socket
-import threading
-import time
 import types
 from pathlib import Path
 
@@ -21,10 +17,8 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 
 
 @pytest.fixture(scope="session")
-def ui_model_template(tmp_path_factory):
-    from sdstack.models.tiny import save_diffusers_folder, tiny_bundle
-
-    return save_diffusers_folder(tiny_bundle("sd1"), tmp_path_factory.mktemp("ui-model") / "tiny")
+def ui_model_template(tiny_model_template):
+    return tiny_model_template
 
 
 def make_data_dir(template, base: Path) -> Path:
@@ -32,41 +26,11 @@ def make_data_dir(template, base: Path) -> Path:
     return base
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def real_server(data_dir: Path, **config):
-    """uvicorn with the UI on a free loopback port, in a thread; yields the base URL."""
-    import uvicorn
-
-    from sdstack.server.app import create_app
-    from sdstack.server.config import ServerConfig
-
-    port = _free_port()
-    app = create_app(ServerConfig(data_dir=data_dir, port=port, ui=True, preview_interval=0.0, **config))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    assert server.started, "server did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
-def ui_server(ui_model_template, tmp_path_factory):
+def ui_server(ui_model_template, live_server, tmp_path_factory):
     data_dir = make_data_dir(ui_model_template, tmp_path_factory.mktemp("ui-data"))
-    with real_server(data_dir, api_auth=(AUTH,)) as url:
-        yield types.SimpleNamespace(url=url, auth=AUTH, data_dir=data_dir)
+    with live_server(data_dir, ui=True, api_auth=(AUTH,)) as port:
+        yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}", auth=AUTH, data_dir=data_dir)
 
 
 def _chromium() -> str | None:
