@@ -118,6 +118,11 @@ class TextEncoderConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     hidden_act: str = "quick_gelu"
+    # std of the token-embedding init; 0 keeps CLIP's (0.02). CLIP's small init makes every word's output nearly
+    # the same at the start (cosine ~0.94 after the final layer norm), so the UNet first learns only what is
+    # easiest (colour) and shape, place and count words stay indistinct; a larger std gives each word its own
+    # direction from step 0
+    token_embedding_std: float = 0.0
 
 
 @dataclass

@@ -67,7 +67,10 @@ def build_text_encoder(cfg: Text2ImageConfig):
                           num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                           max_position_embeddings=77, hidden_act=t.hidden_act, bos_token_id=49406,
                           eos_token_id=49407, pad_token_id=PAD, projection_dim=t.hidden_size)
-    return CLIPTextModel(conf)
+    model = CLIPTextModel(conf)
+    if t.token_embedding_std > 0:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=t.token_embedding_std)
+    return model
 
 
 def load_frozen_vae(path: str):
