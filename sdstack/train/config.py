@@ -61,7 +61,7 @@ class OptimConfig:
     decay: str = "cosine"  # "cosine", "linear" or "constant" (after warm-up)
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 = off
-    optimizer: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes, installed separately)
+    optimizer: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes: pip install 'sdstack[8bit]')
 
 
 @dataclass

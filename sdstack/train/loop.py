@@ -91,7 +91,7 @@ def make_optimizer(groups: list[dict], o):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise UserError("optim.optimizer = \"adamw8bit\" needs bitsandbytes (pip install bitsandbytes)",
+            raise UserError("optim.optimizer = \"adamw8bit\" needs bitsandbytes (pip install 'sdstack[8bit]')",
                             field="optim.optimizer") from None
         return bnb.optim.AdamW8bit(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)

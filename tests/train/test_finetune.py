@@ -391,3 +391,29 @@ def test_a_partial_table_keeps_the_fine_tune_defaults(base, tmp_path):
     assert cfg.optim.lr == 3e-4 and cfg.optim.warmup_steps == plain.optim.warmup_steps == 0
     assert cfg.optim.decay == plain.optim.decay == "constant"
     assert cfg.ema.decay == 0.0 and cfg.ema.warmup is False
+
+
+def test_adamw8bit_trains_and_resumes_exactly(base, tmp_path, monkeypatch):
+    """bitsandbytes is optional (pip install 'sdstack[8bit]'); its 8-bit optimizer state must survive a resume."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    made = []
+    real = bnb.optim.AdamW8bit
+
+    def spy(*a, **kw):
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", spy)
+    sets = ("optim.lr=0.01", "run.checkpoint_every=2", "optim.optimizer='adamw8bit'")
+    whole = _run(_cfg(base, tmp_path / "a", "lora", *sets))
+    cfg = _cfg(base, tmp_path / "b", "lora", *sets)
+    _run(cfg, stop_at=2)
+    resumed = _run(cfg, resume=tmp_path / "b" / "lora")
+    assert len(made) == 3 and all(o.state for o in made)  # every run stepped bitsandbytes' optimizer
+    a, b = load_file(whole["model"]), load_file(resumed["model"])
+    ups = [k for k in a if "lora_up" in k]
+    assert ups and any(a[k].abs().max() > 0 for k in ups)  # lora_up starts at zero: it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
