@@ -14,20 +14,45 @@ _STOP = click.option("--stop-at", type=int, default=None,
                      help="Stop (with a checkpoint) after this step, without changing the schedule.")
 
 
-def _load(config_path, resume, out, cls):
+def _load(config_path, resume, out, cls, sets=()):
+    """The run's config: the TOML file (or the checkpoint's with --resume alone), then --set KEY=VALUE."""
     from ..errors import UserError
-    from .checkpoint import find_checkpoint
-    from .config import load_config
+    from .config import from_dict, validate
 
-    if config_path is None:
-        if resume is None:
-            raise UserError("give --config C.toml (or --resume RUN to continue with the run's own config)",
-                            field="config")
-        config_path = find_checkpoint(resume) / "config.toml"
-    cfg = load_config(config_path, cls)
+    if config_path is None and resume is None:
+        raise UserError("give --config C.toml (or --resume RUN to continue with the run's own config)",
+                        field="config")
+    raw = _raw_config(config_path, resume)
     if out is not None:
-        cfg.run.out = str(out)
+        _set(raw, "run.out", str(out))
+    _apply_sets(raw, sets)
+    cfg = from_dict(cls, raw)
+    validate(cfg)
     return cfg
+
+
+def _raw_config(config_path, resume) -> dict:
+    """The TOML table of --config, else of the --resume checkpoint, else empty."""
+    from ..tomlio import read_toml
+    from .checkpoint import find_checkpoint
+
+    if config_path is None and resume is not None:
+        config_path = find_checkpoint(resume) / "config.toml"
+    return read_toml(config_path, "config file", "config") if config_path else {}
+
+
+def _apply_sets(raw: dict, sets) -> None:
+    from ..errors import UserError
+
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set takes KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}", field="set")
+        _set(raw, key.strip(), _parse_value(value.strip()))
+
+
+_SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                    help="Any config key over the file's, e.g. --set optim.lr=1e-4 --set run.grad_accum=4.")
 
 
 def _report(result: dict) -> None:
@@ -50,12 +75,13 @@ def train():
 @_RESUME
 @_OUT
 @_STOP
-def autoencoder(config_path, resume, out, stop_at):
+@_SET
+def autoencoder(config_path, resume, out, stop_at, sets):
     """Train an AutoencoderKL (the VAE)."""
     from .autoencoder import train_autoencoder
     from .config import AutoencoderConfig
 
-    cfg = _load(config_path, resume, out, AutoencoderConfig)
+    cfg = _load(config_path, resume, out, AutoencoderConfig, sets)
     _report(train_autoencoder(cfg, resume=resume, stop_at=stop_at))
 
 
@@ -64,12 +90,13 @@ def autoencoder(config_path, resume, out, stop_at):
 @_RESUME
 @_OUT
 @_STOP
-def text2image(config_path, resume, out, stop_at):
+@_SET
+def text2image(config_path, resume, out, stop_at, sets):
     """Train a text-to-image UNet and its CLIP text encoder on a trained, frozen VAE."""
     from .config import Text2ImageConfig
     from .text2image import train_text2image
 
-    cfg = _load(config_path, resume, out, Text2ImageConfig)
+    cfg = _load(config_path, resume, out, Text2ImageConfig, sets)
     _report(train_text2image(cfg, resume=resume, stop_at=stop_at))
 
 
@@ -136,26 +163,17 @@ def _parse_value(text: str):
 
 def finetune_config(method: str, config_path, resume, out, flags: dict, sets: tuple[str, ...]):
     """The run's config: the TOML file (or the checkpoint's), then the flags, then --set KEY=VALUE."""
-    from ..errors import UserError
-    from ..tomlio import read_toml
-    from .checkpoint import find_checkpoint
     from .config import from_dict
     from .finetune_config import FinetuneConfig
 
-    if config_path is None and resume is not None:
-        config_path = find_checkpoint(resume) / "config.toml"
-    raw = read_toml(config_path, "config file", "config") if config_path else {}
+    raw = _raw_config(config_path, resume)
     raw["method"] = method
     for name, value in flags.items():
         if value is not None:
             _set(raw, _FLAGS[name], value)
     if out is not None:
         _set(raw, "run.out", str(out))
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set takes KEY=VALUE (e.g. lora.rank=4), got {item!r}", field="set")
-        _set(raw, key.strip(), _parse_value(value.strip()))
+    _apply_sets(raw, sets)
     raw.setdefault("run", {}).setdefault("out", f"runs/{method.replace('_', '-')}")
     cfg = from_dict(FinetuneConfig, raw)
     cfg.check()
@@ -186,8 +204,7 @@ def _finetune_command(method: str, doc: str):
     @click.option("--instance-prompt", default=None, help="DreamBooth: caption of images without one.")
     @click.option("--class-prompt", default=None, help="DreamBooth: prompt of the prior-preservation images.")
     @click.option("--num-class-images", type=int, default=None, help="DreamBooth: prior-preservation images.")
-    @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                  help="Any config key, e.g. --set lora.train_text_encoder=true --set run.grad_accum=4.")
+    @_SET
     def command(config_path, resume, out, stop_at, sets, **flags):
         from .finetune import finetune
 

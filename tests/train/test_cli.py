@@ -103,3 +103,28 @@ def test_stop_then_resume_from_the_run_folder_alone(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 4" in out and "model written to" in out
     assert (tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_set_overrides_the_config_file(tmp_path, capsys):
+    from sdstack.train.config import AutoencoderConfig, load_config
+
+    from .conftest import tiny_ae_config
+
+    (tmp_path / "c.toml").write_text(_toml(tiny_ae_config(tmp_path / "run")))
+    assert load_config(tmp_path / "c.toml", AutoencoderConfig).run.max_steps == 4
+    assert cli("train", "autoencoder", "--config", tmp_path / "c.toml", "--set", "run.max_steps=2",
+               "--set", "optim.lr=3e-4") == 0
+    assert "step 2" in capsys.readouterr().out
+    saved = load_config(tmp_path / "run" / "config.toml", AutoencoderConfig)  # the run keeps what it ran with
+    assert saved.run.max_steps == 2 and saved.optim.lr == 3e-4
+
+
+@pytest.mark.parametrize("item, needle", [("run.max_stepz=2", "unknown key 'run.max_stepz'"),
+                                          ("run.max_steps", "--set takes KEY=VALUE")])
+def test_bad_set_stops_with_one_line(tmp_path, capsys, item, needle):
+    from .conftest import tiny_ae_config
+
+    (tmp_path / "c.toml").write_text(_toml(tiny_ae_config(tmp_path / "run")))
+    assert cli("train", "autoencoder", "--config", tmp_path / "c.toml", "--set", item) == 2
+    assert needle in _error_line(capsys)
+    assert not (tmp_path / "run").exists()
