@@ -1,4 +1,8 @@
+import contextlib
 import os
+import socket
+import threading
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,44 +31,35 @@ def tiny_model_template(tmp_path_factory):
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
 def _live_server(data_dir, **config):
-    """uvicorn serving create_app(ServerConfig(...)) on a free loopback port in a thread; a context manager
-    that yields the port and stops the server on exit."""
-    import contextlib
-    import threading
-    import time
+    """uvicorn serving create_app(ServerConfig(...)) on a free loopback port in a thread; yields the port and
+    stops the server on exit."""
+    import uvicorn
 
-    @contextlib.contextmanager
-    def run():
-        import uvicorn
+    from sdstack.server.app import create_app
+    from sdstack.server.config import ServerConfig
 
-        from sdstack.server.app import create_app
-        from sdstack.server.config import ServerConfig
-
-        port = free_port()
-        config.setdefault("preview_interval", 0.0)
-        app = create_app(ServerConfig(data_dir=data_dir, port=port, **config))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started and time.monotonic() < deadline and thread.is_alive():
-            time.sleep(0.05)
-        assert server.started, "server did not start"
-        try:
-            yield port
-        finally:
-            server.should_exit = True
-            thread.join(30)
-
-    return run()
+    port = free_port()
+    config.setdefault("preview_interval", 0.0)
+    app = create_app(ServerConfig(data_dir=data_dir, port=port, **config))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    assert server.started, "server did not start"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 @pytest.fixture(scope="session")

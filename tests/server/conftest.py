@@ -10,11 +10,6 @@ import types
 import pytest
 
 
-@pytest.fixture(scope="session")
-def model_template(tiny_model_template):
-    return tiny_model_template
-
-
 def _data_dir(template, base, names=("tiny",)):
     for name in names:
         shutil.copytree(template, base / "models" / "Stable-diffusion" / name)
@@ -59,8 +54,8 @@ def wait_job(client, job_id, timeout=60.0, statuses=("done", "failed", "cancelle
 
 
 @pytest.fixture(scope="session")
-def tools(model_template, live_server, port_finder):
+def tools(tiny_model_template, live_server, port_finder):
     return types.SimpleNamespace(
-        data_dir=lambda base, names=("tiny",): _data_dir(model_template, base, names),
+        data_dir=lambda base, names=("tiny",): _data_dir(tiny_model_template, base, names),
         client=_client, real_server=live_server, free_port=port_finder, png_b64=png_b64, decode=decode,
         wait_job=wait_job, small={"width": 64, "height": 64, "steps": 2})

@@ -16,19 +16,14 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
-def ui_model_template(tiny_model_template):
-    return tiny_model_template
-
-
 def make_data_dir(template, base: Path) -> Path:
     shutil.copytree(template, base / "models" / "Stable-diffusion" / "tiny")
     return base
 
 
 @pytest.fixture(scope="module")
-def ui_server(ui_model_template, live_server, tmp_path_factory):
-    data_dir = make_data_dir(ui_model_template, tmp_path_factory.mktemp("ui-data"))
+def ui_server(tiny_model_template, live_server, tmp_path_factory):
+    data_dir = make_data_dir(tiny_model_template, tmp_path_factory.mktemp("ui-data"))
     with live_server(data_dir, ui=True, api_auth=(AUTH,)) as port:
         yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}", auth=AUTH, data_dir=data_dir)
 

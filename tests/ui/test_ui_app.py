@@ -22,13 +22,13 @@ GRADIO_ROUTES = [("GET", "/", 200), ("GET", "/config", 200), ("GET", "/gradio_ap
 
 
 @pytest.fixture(scope="module")
-def ui_client(ui_model_template, tmp_path_factory):
+def ui_client(tiny_model_template, tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from sdstack.server.app import create_app
     from sdstack.server.config import ServerConfig
 
-    data_dir = make_data_dir(ui_model_template, tmp_path_factory.mktemp("ui-app"))
+    data_dir = make_data_dir(tiny_model_template, tmp_path_factory.mktemp("ui-app"))
     app = create_app(ServerConfig(data_dir=data_dir, ui=True, api_auth=(AUTH,)))
     with TestClient(app) as client:
         yield client
@@ -97,13 +97,13 @@ def test_ui_is_off_unless_asked(tools_free_app):
 
 
 @pytest.fixture
-def tools_free_app(ui_model_template, tmp_path):
+def tools_free_app(tiny_model_template, tmp_path):
     from fastapi.testclient import TestClient
 
     from sdstack.server.app import create_app
     from sdstack.server.config import ServerConfig
 
-    with TestClient(create_app(ServerConfig(data_dir=make_data_dir(ui_model_template, tmp_path)))) as client:
+    with TestClient(create_app(ServerConfig(data_dir=make_data_dir(tiny_model_template, tmp_path)))) as client:
         yield client
 
 
