@@ -1,4 +1,4 @@
-"""`sdstack finetune`: the four methods on a tiny random SD 1.x model, their output formats read back by stock
+"""`sdstack finetune`: the four methods on tiny random SD 1.x (and SD 2.x, SDXL) models, their output formats read back by stock
 diffusers and by sdstack's own prompt syntax, exact resume, prior preservation, caches and the one-line errors."""
 
 from __future__ import annotations
@@ -417,3 +417,66 @@ def test_adamw8bit_trains_and_resumes_exactly(base, tmp_path, monkeypatch):
     assert ups and any(a[k].abs().max() > 0 for k in ups)  # lora_up starts at zero: it trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- SD 2.x
+
+
+def test_sd2_v_prediction_full_finetune_loss_matches_diffusers_and_the_single_file_is_sd2(tmp_path):
+    """SD 2.x (v-prediction, OpenCLIP-layout text encoder): the fine-tune loss is the v-prediction MSE that stock
+    diffusers and transformers give for the same batch, timesteps and noise, and the A1111 single file it writes is
+    an SD2 checkpoint (OpenCLIP keys) that loads back as v-prediction with the trained UNet."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sdstack.eval.concepts import concept_dataset
+    from sdstack.models.loader import load_model
+    from sdstack.models.tiny import save_diffusers_folder, tiny_bundle
+    from sdstack.train.finetune import FinetuneTask
+
+    folder = save_diffusers_folder(tiny_bundle("sd2", seed=1, prediction_type="v_prediction"), tmp_path / "sd2")
+    concept_dataset("ring", tmp_path / "data", n=4, seed=0, token="sks", resolution=32)
+    cfg = _cfg(tmp_path, tmp_path, "full", "optim.lr=0.001", "noise.min_snr_gamma=0.0", model=str(folder),
+               data=str(tmp_path / "data"), output_name="tuned2")
+    task = FinetuneTask(cfg)
+    from accelerate import Accelerator
+
+    task.setup(Accelerator(cpu=True))
+    assert task.bundle.family == "sd2" and task.bundle.prediction_type == "v_prediction"
+    batch = task.make_batch([0, 1], 0, 0)
+    with torch.no_grad():
+        ours, _ = task.loss(task.module, batch, torch.Generator().manual_seed(7))
+
+    # the same step with stock diffusers / transformers classes read from the folder
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    enc = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    assert sched.config.prediction_type == "v_prediction"
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        if "latents" in batch:
+            x0 = batch["latents"]
+        else:
+            x0 = vae.encode(batch["pixels"]).latent_dist.mean * vae.config.scaling_factor
+        ids = tok(batch["captions"], padding="max_length", max_length=77, truncation=True,
+                  return_tensors="pt").input_ids
+        context = enc(input_ids=ids).last_hidden_state
+        t = torch.randint(0, sched.config.num_train_timesteps, (2,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+        reference = torch.nn.functional.mse_loss(pred, sched.get_velocity(x0, noise, t))
+    assert abs(float(ours) - float(reference)) < 1e-5 * max(1.0, float(reference))
+
+    result = _run(cfg)
+    single = tmp_path / "full" / "tuned2.safetensors"
+    with safe_open(str(single), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("cond_stage_model.model.transformer.resblocks.") for k in keys)
+    back = load_model(single)
+    assert back.family == "sd2" and back.prediction_type == "v_prediction"
+    out = _unet_out(load_model(result["model"]).unet)
+    assert (out - _unet_out(unet)).abs().max() > 1e-3  # the UNet trained
+    torch.testing.assert_close(_unet_out(back.unet), out, atol=1e-5, rtol=1e-4)
