@@ -1,5 +1,6 @@
-"""`sdstack finetune`: the four methods on tiny random SD 1.x (and SD 2.x, SDXL) models, their output formats read back by stock
-diffusers and by sdstack's own prompt syntax, exact resume, prior preservation, caches and the one-line errors."""
+"""`sdstack finetune`: the four methods on tiny random SD 1.x (and SD 2.x, SDXL) models, their output formats read
+back by stock diffusers and by sdstack's own prompt syntax, exact resume, prior preservation, caches and the one-line
+errors."""
 
 from __future__ import annotations
 
