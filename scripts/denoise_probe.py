@@ -60,7 +60,8 @@ def probe(folder: Path, n: int, timesteps: list[int]) -> dict[int, dict[str, flo
             est = x0
         else:
             a = alpha_bar[t]
-            noisy = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
+            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
             out = unet(noisy, torch.full((n,), t), encoder_hidden_states=ctx).sample
             est = a.sqrt() * noisy - (1 - a).sqrt() * out if v_pred else (noisy - (1 - a).sqrt() * out) / a.sqrt()
         images = vae.decode(est / scale).sample
