@@ -14,7 +14,6 @@ checkpoint, EMA weights unless --raw).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,50 +25,37 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from text_sensitivity import model_folder  # noqa: E402
+from text_sensitivity import Parts, model_folder  # noqa: E402
 
 
 @torch.no_grad()
 def probe(folder: Path, n: int, timesteps: list[int]) -> dict[int, dict[str, float]]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     from sdstack.eval.oracle import analyze, score
     from sdstack.eval.suites import get_suite
-    from sdstack.models.tokenizer import ClipTokenizer
-    from sdstack.train.data import to_pil, to_tensor
-    from sdstack.train.diffusion import training_alphas
-    from sdstack.train.text2image import PAD
+    from sdstack.train.data import to_pil
 
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval()
-    te = CLIPTextModel.from_pretrained(folder / "text_encoder").float().eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    alpha_bar = training_alphas(sched).float()
-    v_pred = sched.get("prediction_type") == "v_prediction"
-    tok = ClipTokenizer(pad_token_id=PAD)
-    scale = vae.config.scaling_factor
+    m = Parts(folder)
     suite = get_suite("single")
     n = min(n, len(suite))
     specs = [suite.prompts[i] for i in range(n)]
-    x0 = vae.encode(torch.stack([to_tensor(suite.reference_image(i)) for i in range(n)])).latent_dist.mean * scale
-    ctx = te(input_ids=torch.tensor([tok(s.text) for s in specs])).last_hidden_state
+    x0 = m.encode([suite.reference_image(i) for i in range(n)])
+    ctx = m.context([s.text for s in specs])
     results = {}
     for t in [0, *timesteps]:
         if t == 0:
             est = x0
         else:
-            a = alpha_bar[t]
+            a = m.alpha_bar[t]
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            out = unet(noisy, torch.full((n,), t), encoder_hidden_states=ctx).sample
-            est = a.sqrt() * noisy - (1 - a).sqrt() * out if v_pred else (noisy - (1 - a).sqrt() * out) / a.sqrt()
-        images = vae.decode(est / scale).sample
+            out = m.unet(noisy, torch.full((n,), t), encoder_hidden_states=ctx).sample
+            est = a.sqrt() * noisy - (1 - a).sqrt() * out if m.v_pred else (noisy - (1 - a).sqrt() * out) / a.sqrt()
+        images = m.vae.decode(est / m.scale).sample
         found = [analyze(to_pil(img)) for img in images]
         obj = [s.objects[0] for s in specs]
-        results[t] = {"all": sum(score(a, s)["all_correct"] for a, s in zip(found, specs)) / n,
-                      "shape": sum(any(o.shape == w.shape for o in a.objects) for a, w in zip(found, obj)) / n,
-                      "colour": sum(any(o.colour == w.colour for o in a.objects) for a, w in zip(found, obj)) / n}
+        results[t] = {"all": sum(score(f, s)["all_correct"] for f, s in zip(found, specs)) / n,
+                      "shape": sum(any(o.shape == w.shape for o in f.objects) for f, w in zip(found, obj)) / n,
+                      "colour": sum(any(o.colour == w.colour for o in f.objects) for f, w in zip(found, obj)) / n}
     return results
 
 

@@ -69,37 +69,53 @@ def cases(n: int):
                 yield suite.reference_image(i), right, changed
 
 
+class Parts:
+    """A diffusers-layout text-to-image folder's parts in fp32, eval mode: unet, text encoder (te), vae,
+    training alpha_bar, v_pred, tokenizer (tok) and the VAE's scaling factor."""
+
+    def __init__(self, folder: Path):
+        import json
+
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from sdstack.models.tokenizer import ClipTokenizer
+        from sdstack.train.diffusion import training_alphas
+        from sdstack.train.text2image import PAD
+
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval()
+        self.te = CLIPTextModel.from_pretrained(folder / "text_encoder").float().eval()
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
+        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        self.alpha_bar = training_alphas(sched).float()
+        self.v_pred = sched.get("prediction_type") == "v_prediction"
+        self.tok = ClipTokenizer(pad_token_id=PAD)
+        self.scale = self.vae.config.scaling_factor
+
+    def context(self, prompts: list[str]) -> torch.Tensor:
+        return self.te(input_ids=torch.tensor([self.tok(p) for p in prompts])).last_hidden_state
+
+    def encode(self, images) -> torch.Tensor:
+        from sdstack.train.data import to_tensor
+
+        return self.vae.encode(torch.stack([to_tensor(i) for i in images])).latent_dist.mean * self.scale
+
+
 @torch.no_grad()
 def sensitivity(folder: Path, n: int = 48) -> dict[str, float]:
-    import json
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from sdstack.models.tokenizer import ClipTokenizer
-    from sdstack.train.data import to_tensor
-    from sdstack.train.diffusion import training_alphas
-    from sdstack.train.text2image import PAD
-
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").float().eval()
-    te = CLIPTextModel.from_pretrained(folder / "text_encoder").float().eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    alpha_bar = training_alphas(sched).float()
-    v_pred = sched.get("prediction_type") == "v_prediction"
-    tok = ClipTokenizer(pad_token_id=PAD)
+    parts = Parts(folder)
     g = torch.Generator().manual_seed(0)
 
     gains: dict[str, list[float]] = {}
     for img, right, wrong in cases(n):
         prompts = [right, *wrong.values()]  # one UNet batch: the right prompt first, all on the same noise
-        ctx = te(input_ids=torch.tensor([tok(p) for p in prompts])).last_hidden_state
-        x0 = vae.encode(to_tensor(img)[None]).latent_dist.mean * vae.config.scaling_factor
+        ctx = parts.context(prompts)
+        x0 = parts.encode([img])
         for t in TIMESTEPS:
-            a, noise = alpha_bar[t], torch.randn(x0.shape, generator=g)
+            a, noise = parts.alpha_bar[t], torch.randn(x0.shape, generator=g)
             noisy = (a.sqrt() * x0 + (1 - a).sqrt() * noise).expand(len(prompts), -1, -1, -1)
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v_pred else noise
-            pred = unet(noisy, torch.full((len(prompts),), t), encoder_hidden_states=ctx).sample
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0 if parts.v_pred else noise
+            pred = parts.unet(noisy, torch.full((len(prompts),), t), encoder_hidden_states=ctx).sample
             mse = (pred - target).pow(2).mean(dim=(1, 2, 3))
             for kind, m in zip(wrong, mse[1:]):
                 gains.setdefault(kind, []).append(float((m - mse[0]) / mse[0]))
