@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The session-3 text2image experiments on the shapes world (issue 3; results in its note), as overrides of
+# The session-3 and -4 text2image experiments on the shapes world (issue 3; results in its note), as overrides of
 # configs/shapes-v1/text2image.toml. They ran with `vae = "runs/shapes-v1/ae/vae"`, which has the same encoder as
 # the config's ae-decoder2 (so the same training latents; only the decoder of the in-training samples differs).
 # One thread each; run two at a time at most on a 2-core machine.
 #
-#   configs/experiments/shapes-t2i.sh C|D|E|F|G      (PYTHON=/path/to/python to pick the interpreter)
+#   configs/experiments/shapes-t2i.sh C|D|E|F|G|H    (PYTHON=/path/to/python to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 T2I=(-m sdstack train text2image)
 COMMON=(--config configs/shapes-v1/text2image.toml --set run.sample_every=500 --set sample.eval_prompts=16)
-case "${1:?which experiment: C D E F G}" in
+case "${1:?which experiment: C D E F G H}" in
   C) "$PY" "${T2I[@]}" "${COMMON[@]}" --out runs/exp/C --set text_encoder.token_embedding_std=0.3 ;;
   D) "$PY" "${T2I[@]}" "${COMMON[@]}" --out runs/exp/D --set text_encoder.token_embedding_std=1.0 ;;
   E) "$PY" "${T2I[@]}" "${COMMON[@]}" --out runs/exp/E --set text_encoder.token_embedding_std=1.0 \
@@ -21,5 +21,9 @@ case "${1:?which experiment: C D E F G}" in
      mkdir -p runs/exp/G && cp -an runs/shapes-v1/t2i/checkpoints runs/exp/G/
      "$PY" "${T2I[@]}" --resume runs/exp/G --out runs/exp/G --set run.max_steps=8000 \
        --set optim.min_lr_ratio=0.05 --set run.sample_every=500 ;;
-  *) echo "unknown experiment $1 (C D E F G)" >&2; exit 2 ;;
+  H) # G without min-SNR weighting (more weight on the low-noise steps that finish shapes)
+     mkdir -p runs/exp/H && cp -an runs/shapes-v1/t2i/checkpoints runs/exp/H/
+     "$PY" "${T2I[@]}" --resume runs/exp/H --out runs/exp/H --set run.max_steps=8000 \
+       --set optim.min_lr_ratio=0.05 --set run.sample_every=500 --set noise.min_snr_gamma=0.0 ;;
+  *) echo "unknown experiment $1 (C D E F G H)" >&2; exit 2 ;;
 esac
