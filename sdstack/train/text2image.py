@@ -266,6 +266,9 @@ def export_model(source: str | Path, dest: str | Path, *, fp16: bool = True, vae
         dtype = torch.float16 if fp16 else torch.float32
         for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
             cls.from_pretrained(src / name).to(dtype).save_pretrained(tmp / name, safe_serialization=True)
+            config = tmp / name / "config.json"  # diffusers records where it loaded from: a temp path, drop it
+            config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                          if k != "_name_or_path"}, indent=2, sort_keys=True) + "\n")
     json.loads((tmp / "model_index.json").read_text())  # sanity: copied intact
     for f in tmp.rglob("*"):  # readable by everyone (a shipped package is installed for other users too)
         f.chmod(0o755 if f.is_dir() else 0o644)

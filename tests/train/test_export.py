@@ -70,6 +70,9 @@ def test_fp16_export_halves_weights_and_still_loads(trained, tmp_path):
     a, b = load_model(trained[0] / "model"), load_model(dest)
     w32 = a.unet.conv_in.weight
     torch.testing.assert_close(b.unet.conv_in.weight, w32.half().float())
+    for name in ("unet", "vae", "text_encoder"):  # no machine-local path in a shipped config
+        text = (dest / name / "config.json").read_text()
+        assert "_name_or_path" not in text and str(tmp_path) not in text and "/tmp" not in text
 
 
 def test_export_from_a_checkpoint_uses_ema_weights(trained, tmp_path):
