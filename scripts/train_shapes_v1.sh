@@ -4,7 +4,10 @@
 #   2. its decoder trained further with the encoder frozen (stronger edge weight), then
 #      once more with a gradient loss (small hexagons and stars keep their corners)
 #   3. the round trip validated with the shapes oracle (>= 96% on every suite, else stop; see below)
-#   4. text2image (UNet + CLIP text encoder from scratch; zero terminal SNR, v-prediction, min-SNR, EMA)
+#   4. text2image (UNet + CLIP text encoder from scratch; zero terminal SNR, v-prediction, min-SNR, EMA), in the
+#      three stages the shipped model went through: one process (batch 32) to step 3104; two processes under
+#      accelerate (16 each: the same 32 images a step, ~1.8x the images/s on two cores) to step 5500; then the
+#      cosine schedule shortened from 12000 to 6500 steps: an anneal (lr 3.2e-4 drops to 8e-5, then falls to 5e-5)
 #   5. export to sdstack/builtin/shapes-v1 as fp16 safetensors, then score it with `sdstack eval`
 # Every stage checkpoints; running the script again resumes where it stopped and skips finished stages.
 #
@@ -17,6 +20,11 @@ RUNS=runs/shapes-v1
 resume() {  # "--resume RUN" when RUN has a checkpoint
   if [ -f "$1/checkpoints/latest" ]; then echo "--resume $1"; fi
 }
+step() {  # the step of RUN's latest checkpoint (0 when none)
+  if [ -f "$1/checkpoints/latest" ]; then sed 's/^step-0*//; s/^$/0/' "$1/checkpoints/latest"; else echo 0; fi
+}
+TWO=(-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
+     --dynamo_backend no -m sdstack)
 
 if [ ! -f "$RUNS/ae/vae/config.json" ]; then
   "$PY" -m sdstack train autoencoder --config configs/shapes-v1/autoencoder.toml $(resume "$RUNS/ae")
@@ -30,9 +38,17 @@ fi
 # The issue asks >= 98% on every suite; the shipped decoder scores 99.1 / 100 / 96.0 / 98.1 / 98.2% (single,
 # heldout, two-objects, counting, position), so the gate stands at 96% until a further decoder stage passes 98%.
 "$PY" -m sdstack train check-vae "$RUNS/ae-decoder2/vae" --min-score 0.96
-if [ ! -f "$RUNS/t2i/model/model_index.json" ]; then
-  "$PY" -m sdstack train text2image --config configs/shapes-v1/text2image.toml $(resume "$RUNS/t2i")
+T2I=$RUNS/t2i-wide
+if [ ! -f "$T2I/model/model_index.json" ]; then
+  if [ "$(step "$T2I")" -lt 3104 ]; then
+    "$PY" -m sdstack train text2image --config configs/shapes-v1/text2image.toml $(resume "$T2I") --stop-at 3104
+  fi
+  if [ "$(step "$T2I")" -lt 5500 ]; then
+    OMP_NUM_THREADS=1 "$PY" "${TWO[@]}" train text2image --resume "$T2I" --set run.batch_size=16 \
+      --set run.checkpoint_every=250 --stop-at 5500
+  fi
+  OMP_NUM_THREADS=1 "$PY" "${TWO[@]}" train text2image --resume "$T2I" --set run.max_steps=6500
 fi
-"$PY" -m sdstack train export "$RUNS/t2i" sdstack/builtin/shapes-v1 --fp16
+"$PY" -m sdstack train export "$T2I" sdstack/builtin/shapes-v1 --vae "$RUNS/ae-decoder2/vae" --fp16
 echo "shapes-v1 written to sdstack/builtin/shapes-v1"
 "$PY" -m sdstack eval --model sdstack/builtin/shapes-v1 --seeds 4 --out "$RUNS/eval" || echo "(evaluation failed)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The session-3 and -4 text2image experiments on the shapes world (issue 3; results in its note), as overrides of
-# configs/shapes-v1/text2image.toml. They ran with `vae = "runs/shapes-v1/ae/vae"`, which has the same encoder as
-# the config's ae-decoder2 (so the same training latents; only the decoder of the in-training samples differs).
+# configs/experiments/shapes-t2i-base.toml (the first shapes-v1 recipe; F became the shipped one). They ran with
+# `vae = "runs/shapes-v1/ae/vae"`, which has the same encoder as the config's ae-decoder2 (so the same training
+# latents; only the decoder of the in-training samples differs).
 # One thread each; run two at a time at most on a 2-core machine.
 #
 #   configs/experiments/shapes-t2i.sh C|D|E|F|G|H    (PYTHON=/path/to/python to pick the interpreter)
@@ -9,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 T2I=(-m sdstack train text2image)
-COMMON=(--config configs/shapes-v1/text2image.toml --set run.sample_every=500 --set sample.eval_prompts=16)
+COMMON=(--config configs/experiments/shapes-t2i-base.toml --set run.sample_every=500 --set sample.eval_prompts=16)
 case "${1:?which experiment: C D E F G H}" in
   C) "$PY" "${T2I[@]}" "${COMMON[@]}" --out runs/exp/C --set text_encoder.token_embedding_std=0.3 ;;
   D) "$PY" "${T2I[@]}" "${COMMON[@]}" --out runs/exp/D --set text_encoder.token_embedding_std=1.0 ;;
