@@ -23,15 +23,12 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="model folder or file [default: built-in]")
     ap.add_argument("--out", default="docs/shapes-v1-samples.png")
     args = ap.parse_args()
-    import torch
-
     from sdstack.engine.generate import generate
     from sdstack.models.loader import load_model
     from sdstack.models.registry import builtin_model_path
     from sdstack.params import make_params
     from sdstack.train.plots import image_grid, save_png
 
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     bundle = load_model(args.model or builtin_model_path())
     images = []
     for prompt in PROMPTS:
