@@ -234,6 +234,16 @@ class Trainer:
         t = torch.tensor([value], device=self.acc.device)
         return float(self.acc.reduce(t, "mean"))
 
+    def _agree(self, loss: float, stop: bool, timed: bool) -> tuple[float, bool, bool]:
+        """One collective per step: the loss averaged over processes, and whether ANY process was asked to stop
+        (Ctrl-C / SIGTERM reach the ranks at different moments) or is due a timed checkpoint, so that every
+        rank saves and stops at the same step."""
+        if self.acc.num_processes == 1:
+            return loss, stop, timed
+        t = torch.tensor([loss, float(stop), float(timed)], dtype=torch.float64, device=self.acc.device)
+        total = self.acc.reduce(t, "sum")
+        return float(total[0]) / self.acc.num_processes, bool(total[1] > 0), bool(total[2] > 0)
+
     def write_outputs(self) -> dict:
         """Sample grid (with EMA weights) and loss curve; main process only."""
         info = {}
@@ -350,7 +360,8 @@ def run_loop(t: Trainer, stop_at: int | None) -> dict:
             logs = t.train_step(pending)
             pending = []
             t.step += 1
-            logs["loss"] = t._mean_loss(logs["loss"])
+            timed = cfg.checkpoint_minutes > 0 and time.time() - last_save > 60 * cfg.checkpoint_minutes
+            logs["loss"], stopped, timed = t._agree(logs["loss"], flag.set, timed)
             t.history.append((t.step, logs["loss"]))
             rep.update(t.step, logs, t.scheduler.get_last_lr()[0], images)
             if not math.isfinite(logs["loss"]):
@@ -366,9 +377,6 @@ def run_loop(t: Trainer, stop_at: int | None) -> dict:
                     info = t.write_outputs()
                 if info:
                     rep.note(f"step {t.step}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-            timed = cfg.checkpoint_minutes > 0 and t.acc.num_processes == 1 and \
-                time.time() - last_save > 60 * cfg.checkpoint_minutes
-            stopped = flag.set and t.acc.num_processes == 1
             if (cfg.checkpoint_every and t.step % cfg.checkpoint_every == 0) or timed or stopped:
                 with rep.pause():
                     path = t.save()

@@ -128,3 +128,42 @@ def test_bad_set_stops_with_one_line(tmp_path, capsys, item, needle):
     assert cli("train", "autoencoder", "--config", tmp_path / "c.toml", "--set", item) == 2
     assert needle in _error_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate launcher not installed")
+def test_ctrl_c_stops_two_processes_at_one_step_with_a_checkpoint(tmp_path, tiny_vae_dir):
+    """Ctrl-C reaches the launcher, which passes it on to each rank (they run in sessions of their own) one after
+    the other; the ranks agree on one step, the main process writes the checkpoint there, and both exit within
+    the launcher's grace period instead of hanging in a collective the other rank never joins."""
+    import signal
+    import time
+
+    from sdstack.train.checkpoint import find_checkpoint
+
+    cfg = tiny_t2i_config(tmp_path / "run", tiny_vae_dir, max_steps=100000, checkpoint_every=0,
+                          checkpoint_minutes=0, log_every=1, progress=True)
+    (tmp_path / "c.toml").write_text(_toml(cfg))
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "sdstack", "train", "text2image", "--config", str(tmp_path / "c.toml")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"),
+               PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while "step 3/" not in (tmp_path / "log").read_text():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "log").read_text()
+    assert out.count("stopped at step") == 1, out[-3000:]
+    stopped_at = int(out.split("stopped at step")[1].split()[0])
+    assert 3 <= stopped_at < 100000
+    ckpt = find_checkpoint(tmp_path / "run")
+    assert ckpt.name == f"step-{stopped_at:08d}"
