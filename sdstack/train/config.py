@@ -109,6 +109,12 @@ class UNetConfig:
     norm_num_groups: int = 16
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
     up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    # "text": diffusers' TextTimeEmbedding, an attention pooling of the text encoder's output added to the
+    # timestep embedding, so every ResNet block gets the prompt as a global signal (as class labels condition
+    # class-conditional diffusion models), besides cross-attention. Stock StableDiffusionPipeline runs it (it
+    # needs only encoder_hidden_states). "" = none (SD 1.x).
+    addition_embed_type: str = ""
+    addition_embed_type_num_heads: int = 4
 
 
 @dataclass
@@ -263,6 +269,10 @@ def validate(cfg) -> None:
             raise UserError("config: noise.zero_terminal_snr needs noise.prediction_type = \"v_prediction\"",
                             field="noise.zero_terminal_snr")
         _check_choice(cfg.vae_precision, MIXED_PRECISIONS, "vae_precision")
+        _check_choice(cfg.unet.addition_embed_type, ("", "text"), "unet.addition_embed_type")
+        if cfg.unet.addition_embed_type and cfg.unet.cross_attention_dim % cfg.unet.addition_embed_type_num_heads:
+            raise UserError("config: unet.cross_attention_dim must be a multiple of "
+                            "unet.addition_embed_type_num_heads", field="unet.addition_embed_type_num_heads")
         if not cfg.vae:
             raise UserError("config: vae (the trained autoencoder folder) is required", field="vae")
 

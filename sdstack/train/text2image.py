@@ -49,11 +49,14 @@ def build_unet(cfg: Text2ImageConfig, latent_channels: int, factor: int):
     if len(u.down_block_types) != len(u.block_out_channels) or len(u.up_block_types) != len(u.block_out_channels):
         raise UserError("config: unet.down_block_types and up_block_types need one entry per block_out_channels",
                         field="unet.block_out_channels")
+    extra = {"addition_embed_type": u.addition_embed_type,
+             "addition_embed_type_num_heads": u.addition_embed_type_num_heads} if u.addition_embed_type else {}
     return UNet2DConditionModel(
         sample_size=cfg.data.resolution // factor, in_channels=latent_channels, out_channels=latent_channels,
         block_out_channels=u.block_out_channels, layers_per_block=u.layers_per_block,
         attention_head_dim=u.attention_head_dim, cross_attention_dim=u.cross_attention_dim,
-        norm_num_groups=u.norm_num_groups, down_block_types=u.down_block_types, up_block_types=u.up_block_types)
+        norm_num_groups=u.norm_num_groups, down_block_types=u.down_block_types, up_block_types=u.up_block_types,
+        **extra)
 
 
 def build_text_encoder(cfg: Text2ImageConfig):

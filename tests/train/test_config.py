@@ -53,6 +53,11 @@ def test_text2image_needs_vae_and_v_prediction_for_zero_snr(tmp_path):
         load_config(_write(tmp_path, ""), Text2ImageConfig)
     with pytest.raises(UserError, match="zero_terminal_snr"):
         load_config(_write(tmp_path, 'vae = "v"\n[noise]\nprediction_type = "epsilon"\n'), Text2ImageConfig)
+    with pytest.raises(UserError, match="unet.addition_embed_type"):
+        load_config(_write(tmp_path, 'vae = "v"\n[unet]\naddition_embed_type = "text_time"\n'), Text2ImageConfig)
+    with pytest.raises(UserError, match="addition_embed_type_num_heads"):
+        load_config(_write(tmp_path, 'vae = "v"\n[unet]\naddition_embed_type = "text"\n'
+                                     'addition_embed_type_num_heads = 5\n'), Text2ImageConfig)
 
 
 def test_missing_config_file(tmp_path):

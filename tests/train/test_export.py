@@ -101,3 +101,40 @@ def test_export_refuses_a_vae_with_another_encoder(trained, tmp_path):
 def test_exported_files_are_world_readable(trained, tmp_path):
     dest = export_model(trained[0], tmp_path / "shipped")
     assert all(f.stat().st_mode & 0o044 == 0o044 for f in dest.rglob("*") if f.is_file())
+
+
+def test_pooled_text_embedding_unet_trains_and_loads_in_sdstack_and_stock_diffusers(tmp_path, tiny_vae_dir):
+    """unet.addition_embed_type = "text": the prompt also reaches the timestep embedding (attention-pooled);
+    the result is still a model stock StableDiffusionPipeline runs, and sdstack loads it as sd1."""
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionPipeline
+
+    from sdstack.engine.generate import generate
+    from sdstack.models.loader import load_model
+    from sdstack.params import make_params
+
+    cfg = tiny_t2i_config(tmp_path / "run", tiny_vae_dir, max_steps=1, checkpoint_every=1)
+    cfg = replace(cfg, unet=replace(cfg.unet, addition_embed_type="text", addition_embed_type_num_heads=2))
+    assert train_text2image(cfg)["model"] == tmp_path / "run" / "model"
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    bundle = load_model(tmp_path / "run" / "model")
+    assert bundle.family == "sd1" and bundle.unet.config.addition_embed_type == "text"
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    ctx = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before = bundle.unet(x, t, encoder_hidden_states=ctx).sample
+        bundle.unet.add_embedding.proj.weight.neg_()  # the pooled text really feeds the UNet
+        after = bundle.unet(x, t, encoder_hidden_states=ctx).sample
+    assert (before - after).abs().max() > 1e-4
+    bundle = load_model(tmp_path / "run" / "model")
+    ours = np.asarray(generate(bundle, make_params(prompt="a red circle", steps=2, seed=1, width=32,
+                                                   height=32)).images[0])
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model", safety_checker=None)
+    out = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all() and ours.shape == (32, 32, 3)
