@@ -24,6 +24,9 @@ def format_table(summary: dict) -> str:
              f"  {'claim':<12}{'accuracy':>9}"]
     lines += [f"  {k:<12}{claims[k]:>9.1%}" for k in kinds]
     lines.append(f"  {'all correct':<12}{summary['accuracy']:>9.1%}")
+    by_shape = summary.get("shape_by_shape")
+    if by_shape:  # which shapes the model draws right (the shape claim, per shape the prompt asks for)
+        lines.append("  shape right by shape: " + ", ".join(f"{k} {v:.0%}" for k, v in by_shape.items()))
     return "\n".join(lines)
 
 

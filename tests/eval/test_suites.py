@@ -116,6 +116,10 @@ def test_reports(tmp_path):
     assert summary["accuracy"] == 0.75
     table = format_table(summary)
     assert "colour" in table and "shape" in table and "75.0%" in table
+    # prompts 0-3 ask for a circle, a square, a triangle and a star; the triangle prompt got the star's image
+    assert [p.objects[0].shape for p in small.prompts] == ["circle", "square", "triangle", "star"]
+    assert summary["shape_by_shape"] == {"circle": 1.0, "square": 1.0, "star": 1.0, "triangle": 0.0}
+    assert "shape right by shape: " in table
     assert "single" in format_overview([summary])
     path = write_json([summary], tmp_path / "out" / "eval.json")
     assert json.loads(path.read_text())[0]["accuracy"] == 0.75
