@@ -5,13 +5,13 @@
 # latents; only the decoder of the in-training samples differs).
 # One thread each; run two at a time at most on a 2-core machine.
 #
-#   configs/experiments/shapes-t2i.sh C|D|E|F|G|H    (PYTHON=/path/to/python to pick the interpreter)
+#   configs/experiments/shapes-t2i.sh C|D|E|F|G|H|P  (PYTHON=/path/to/python to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 T2I=(-m sdstack train text2image)
 COMMON=(--config configs/experiments/shapes-t2i-base.toml --set run.sample_every=500 --set sample.eval_prompts=16)
-case "${1:?which experiment: C D E F G H}" in
+case "${1:?which experiment: C D E F G H P}" in
   C) "$PY" "${T2I[@]}" "${COMMON[@]}" --out runs/exp/C --set text_encoder.token_embedding_std=0.3 ;;
   D) "$PY" "${T2I[@]}" "${COMMON[@]}" --out runs/exp/D --set text_encoder.token_embedding_std=1.0 ;;
   E) "$PY" "${T2I[@]}" "${COMMON[@]}" --out runs/exp/E --set text_encoder.token_embedding_std=1.0 \
@@ -26,5 +26,9 @@ case "${1:?which experiment: C D E F G H}" in
      mkdir -p runs/exp/H && cp -an runs/shapes-v1/t2i/checkpoints runs/exp/H/
      "$PY" "${T2I[@]}" --resume runs/exp/H --out runs/exp/H --set run.max_steps=8000 \
        --set optim.min_lr_ratio=0.05 --set run.sample_every=500 --set noise.min_snr_gamma=0.0 ;;
-  *) echo "unknown experiment $1 (C D E F G H)" >&2; exit 2 ;;
+  P) # session 5: the shipped recipe (F) plus the attention-pooled prompt added to the UNet's timestep embedding;
+     # same seed and data order as F, compared with F at step 1707
+     "$PY" "${T2I[@]}" --config configs/shapes-v1/text2image.toml --out runs/exp/P --set vae=runs/shapes-v1/ae/vae \
+       --set unet.addition_embed_type=text --stop-at 1707 ;;
+  *) echo "unknown experiment $1 (C D E F G H P)" >&2; exit 2 ;;
 esac

@@ -409,11 +409,10 @@ def evaluate(images_by_prompt, suite) -> dict:
 
 def summarize(rows: list[dict], suite_name: str, n_prompts: int) -> dict:
     right: dict[str, list[bool]] = {}
+    by_shape: dict[str, list[bool]] = {}  # the 'shape:i' claims grouped by the shape the prompt asks for
     for row in rows:
         for name, ok in row["claims"].items():
             right.setdefault(claim_kind(name), []).append(ok)
-    by_shape: dict[str, list[bool]] = {}  # the 'shape:i' claims grouped by the shape the prompt asks for
-    for row in rows:
         for i, shape in enumerate(row.get("shapes", ())):
             if f"shape:{i}" in row["claims"]:
                 by_shape.setdefault(shape, []).append(row["claims"][f"shape:{i}"])
