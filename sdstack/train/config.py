@@ -168,6 +168,10 @@ class Text2ImageConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     vae: str = ""  # the trained VAE: a diffusers VAE folder, or an autoencoder run folder (its final vae/)
     vae_precision: str = "auto"  # encoding the training images: "auto" (bf16 where supported, 2x faster) or "no"
+    # start the UNet and text encoder from trained weights instead of a random init (a fresh optimizer and LR
+    # schedule; --resume continues a run exactly instead): a model folder in diffusers layout with the same
+    # architecture (e.g. sdstack/builtin/shapes-v1), or a text2image run / checkpoint folder (its EMA weights)
+    init_from: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------- mapping

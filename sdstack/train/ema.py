@@ -23,8 +23,9 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         d = self.current_decay()
-        for k, p in self.params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+        keys = list(self.params)
+        # one fused call over all tensors (a per-tensor loop is hundreds of kernel launches a step on a GPU)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [self.params[k].detach().float() for k in keys], 1.0 - d)
         self.updates += 1
 
     @contextmanager
@@ -49,4 +50,5 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
         self.updates = int(state["updates"])
-        self.shadow = {k: state["shadow"][k].float().clone() for k in self.shadow}
+        # on the parameters' device (a checkpoint loads on the CPU; the model may be on a GPU)
+        self.shadow = {k: state["shadow"][k].to(self.params[k].device, torch.float32).clone() for k in self.shadow}

@@ -281,5 +281,58 @@ def export_model(source: str | Path, dest: str | Path, *, fp16: bool = True, vae
     return dest
 
 
+def init_weights(path: str) -> dict[str, torch.Tensor]:
+    """The `Text2ImageModule` state ("unet.*", "text_encoder.*") that `init_from` names: a diffusers model folder
+    (unet/ and text_encoder/ safetensors) or a text2image run / checkpoint folder (EMA weights where it has them)."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import find_checkpoint, load_checkpoint
+
+    p = Path(path)
+    if (p / "model_index.json").is_file():
+        weights = {}
+        for name in ("unet", "text_encoder"):
+            files = sorted((p / name).glob("*.safetensors")) if (p / name).is_dir() else []
+            if not files:
+                raise UserError(f"init_from: no {name}/*.safetensors in {p}", field="init_from")
+            for f in files:
+                weights.update({f"{name}.{k}": v for k, v in load_file(f).items()})
+        return weights
+    if not p.exists():
+        raise UserError(f"init_from: {p} does not exist", field="init_from")
+    try:
+        ckpt = find_checkpoint(p)
+    except UserError:
+        raise UserError(f"init_from: {p} is neither a model folder (model_index.json) nor a text2image run or "
+                        "checkpoint", field="init_from") from None
+    state = load_checkpoint(ckpt)
+    weights = dict(state["model"])
+    weights.update((state.get("ema") or {}).get("shadow", {}))
+    return weights
+
+
+def load_init_weights(module: Text2ImageModule, path: str) -> None:
+    """Overwrite the module's weights with those `init_from` names (cast to the module's dtypes); a model of
+    another architecture stops with one line."""
+    weights = init_weights(path)
+    own = module.state_dict()
+    missing = [k for k in own if k not in weights and not k.endswith("position_ids")]
+    unexpected = [k for k in weights if k not in own]
+    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        what = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else
+                f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else
+                f"{wrong[0]} is {tuple(weights[wrong[0]].shape)}, the config makes {tuple(own[wrong[0]].shape)}")
+        raise UserError(f"init_from: the weights in {path} do not fit the [unet]/[text_encoder] config: {what}",
+                        field="init_from")
+    with torch.no_grad():
+        for k, v in own.items():
+            if k in weights:
+                v.copy_(weights[k].to(v.dtype))
+
+
 def train_text2image(cfg: Text2ImageConfig, *, resume=None, stop_at: int | None = None) -> dict:
-    return train(cfg, Text2ImageTask(cfg), resume=resume, stop_at=stop_at)
+    task = Text2ImageTask(cfg)
+    if cfg.init_from and resume is None:
+        load_init_weights(task.module, cfg.init_from)
+    return train(cfg, task, resume=resume, stop_at=stop_at)

@@ -138,3 +138,95 @@ def test_pooled_text_embedding_unet_trains_and_loads_in_sdstack_and_stock_diffus
     out = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all() and ours.shape == (32, 32, 3)
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_init_from_a_model_folder_starts_training_from_its_weights(trained, tmp_path, tiny_vae_dir):
+    """init_from = an exported (fp16) model folder: with lr 0 one step changes nothing, so the run's exported
+    model holds exactly the folder's weights (the random init is gone, in both nets)."""
+    from dataclasses import replace
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdstack.models.loader import load_model
+
+    shipped = export_model(trained[0], tmp_path / "shipped", fp16=True)
+    cfg = tiny_t2i_config(tmp_path / "run", tiny_vae_dir, max_steps=1, checkpoint_every=1)
+    cfg = replace(cfg, init_from=str(shipped), optim=replace(cfg.optim, lr=0.0))
+    assert train_text2image(cfg)["model"] == tmp_path / "run" / "model"
+    _reset_accelerate()
+    got = load_model(tmp_path / "run" / "model")
+    unet = UNet2DConditionModel.from_pretrained(shipped / "unet")
+    te = CLIPTextModel.from_pretrained(shipped / "text_encoder")
+    for a, b in ((got.unet.state_dict(), unet.state_dict()), (got.text_encoders[0].state_dict(), te.state_dict())):
+        for k in b:
+            torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=0, msg=k)
+    fresh = load_model(trained[0] / "model")  # and not the other run's fp32 weights (fp16 rounding differs)
+    assert not torch.equal(fresh.unet.conv_in.weight, got.unet.conv_in.weight)
+
+
+def test_init_from_a_checkpoint_takes_its_ema_weights(trained, tiny_vae_dir, tmp_path):
+    from sdstack.train.checkpoint import load_checkpoint
+    from sdstack.train.text2image import Text2ImageTask, load_init_weights
+
+    task = Text2ImageTask(tiny_t2i_config(tmp_path / "x", tiny_vae_dir))
+    load_init_weights(task.module, str(trained[0]))
+    state = load_checkpoint(trained[0])
+    own = task.module.state_dict()
+    for k, v in state["model"].items():
+        expected = state["ema"]["shadow"].get(k, v)
+        torch.testing.assert_close(own[k], expected.to(own[k].dtype), rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("what", ["missing", "plain folder", "other architecture"])
+def test_init_from_problems_stop_with_one_line(trained, tiny_vae_dir, tmp_path, what):
+    from dataclasses import replace
+
+    from sdstack.errors import UserError
+
+    cfg = tiny_t2i_config(tmp_path / "run", tiny_vae_dir, max_steps=1)
+    if what == "missing":
+        cfg, match = replace(cfg, init_from=str(tmp_path / "nope")), "does not exist"
+    elif what == "plain folder":
+        (tmp_path / "plain").mkdir()
+        cfg, match = replace(cfg, init_from=str(tmp_path / "plain")), "neither a model folder"
+    else:
+        cfg = replace(cfg, init_from=str(trained[0] / "model"),
+                      unet=replace(cfg.unet, block_out_channels=(16, 48)))
+        match = "do not fit"
+    with pytest.raises(UserError, match=match) as e:
+        train_text2image(cfg)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training
+
+
+def test_ema_state_loads_onto_the_parameters_device():
+    """A checkpoint loads on the CPU; the EMA shadow must follow the parameters (on a GPU when training there)."""
+    from sdstack.train.ema import EMA
+
+    params = {"w": torch.nn.Parameter(torch.ones(3, device="meta"))}
+    ema = EMA(params, 0.9)
+    ema.load_state_dict({"updates": 5, "shadow": {"w": torch.full((3,), 2.0, dtype=torch.float64)}})
+    assert ema.shadow["w"].device.type == "meta" and ema.shadow["w"].dtype == torch.float32
+
+
+def test_ema_update_follows_the_formula():
+    from sdstack.train.ema import EMA
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3, 1))
+    ema = EMA({"a": a, "b": b}, 0.99, warmup=True)
+    with torch.no_grad():
+        a.fill_(1.0), b.fill_(-2.0)
+    ema.update()  # first update: decay min(0.99, 1/10) = 0.1 -> shadow = 0.1 * 0 + 0.9 * new
+    torch.testing.assert_close(ema.shadow["a"], torch.full((2,), 0.9))
+    torch.testing.assert_close(ema.shadow["b"], torch.full((3, 1), -1.8))
+    ema.update()  # second: decay 2/11
+    torch.testing.assert_close(ema.shadow["a"], torch.full((2,), 0.9 * 2 / 11 + 9 / 11))
