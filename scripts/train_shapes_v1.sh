@@ -8,8 +8,9 @@
 #      four stages the shipped model went through: one process (batch 32) to step 3104; two processes under
 #      accelerate (16 each: the same 32 images a step, ~1.8x the images/s on two cores) to step 5500; then the
 #      cosine schedule shortened from 12000 to 6500 steps: an anneal (lr 3.2e-4 drops to 8e-5, then falls to 5e-5);
-#      then back to the 12000-step schedule (lr 2.6e-4 at step 6500) up to step 8500, the shipped checkpoint
-#   5. export to sdstack/builtin/shapes-v1 as fp16 safetensors, then score it with `sdstack eval`
+#      then back to the 12000-step schedule (lr 2.6e-4 at step 6500) up to step 8500 (shipped until session 6)
+#   5. two more runs from those weights at batch 256 (new optimizer and schedule each; see below)
+#   6. export to sdstack/builtin/shapes-v1 as fp16 safetensors, then score it with `sdstack eval`
 # Every stage checkpoints; running the script again resumes where it stopped and skips finished stages.
 #
 #   scripts/train_shapes_v1.sh            (PYTHON=/path/to/python to pick the interpreter)
@@ -55,6 +56,30 @@ if [ "$(step "$T2I")" -lt 8500 ]; then
   # shipped model is the EMA of step 8500 (4-seed eval: single 46% against 29% at step 6500)
   OMP_NUM_THREADS=1 "$PY" "${TWO[@]}" train text2image --resume "$T2I" --set run.max_steps=12000 --stop-at 8500
 fi
-"$PY" -m sdstack train export "$T2I" sdstack/builtin/shapes-v1 --vae "$RUNS/ae-decoder2/vae" --fp16
+# 5-6: two fresh cosine runs at a GPU-sized batch (256 images a step), each started from the fp16 export of the
+# stage before (init_from: the weights only; a new AdamW and LR schedule). The shipped weights ran these two stages
+# on a lent H200 GPU with scripts/gpu_continue_shapes.sh (7.6 and 1.9 minutes at 1600-1900 images/s; stage 5 was
+# stopped by its wall-clock deadline at step 2485 of its 2561-step schedule). Here they run on what accelerate
+# finds: on a 2-core CPU as two processes of 128 (about 6 and 2 hours at ~29 images/s).
+S4=$RUNS/model-8500
+S5=$RUNS/t2i-b256
+S6=$RUNS/t2i-b256-2
+B256=(--config configs/shapes-v1/text2image.toml --set run.batch_size=128 --set optim.warmup_steps=200
+      --set vae_precision=no --set run.sample_every=0 --set run.checkpoint_every=100)
+if [ ! -f "$S4/model_index.json" ]; then
+  "$PY" -m sdstack train export "$T2I" "$S4" --vae "$RUNS/ae-decoder2/vae" --fp16
+fi
+if [ "$(step "$S5")" -lt 2485 ]; then
+  OMP_NUM_THREADS=1 "$PY" "${TWO[@]}" train text2image "${B256[@]}" --out "$S5" $(resume "$S5") \
+    --set "vae=$S4/vae" --set "init_from=$S4" --set optim.lr=5e-4 --set run.max_steps=2561 --stop-at 2485
+fi
+if [ ! -f "$RUNS/model-b256/model_index.json" ]; then
+  "$PY" -m sdstack train export "$S5" "$RUNS/model-b256" --vae "$S4/vae" --fp16
+fi
+if [ "$(step "$S6")" -lt 800 ]; then
+  OMP_NUM_THREADS=1 "$PY" "${TWO[@]}" train text2image "${B256[@]}" --out "$S6" $(resume "$S6") \
+    --set "vae=$S4/vae" --set "init_from=$RUNS/model-b256" --set optim.lr=2.5e-4 --set run.max_steps=800
+fi
+"$PY" -m sdstack train export "$S6" sdstack/builtin/shapes-v1 --vae "$S4/vae" --fp16
 echo "shapes-v1 written to sdstack/builtin/shapes-v1"
 "$PY" -m sdstack eval --model sdstack/builtin/shapes-v1 --seeds 4 --out "$RUNS/eval" || echo "(evaluation failed)"

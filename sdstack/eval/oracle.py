@@ -403,20 +403,25 @@ def evaluate(images_by_prompt, suite) -> dict:
         for seed, image in enumerate(images):
             claims = score(image, spec)
             rows.append({"id": spec.id, "prompt": spec.text, "seed": seed, "all_correct": claims.pop("all_correct"),
-                         "claims": claims, "shapes": [g.shape for g in spec.objects]})
+                         "claims": claims, "shapes": [g.shape for g in spec.objects],
+                         "colours": [g.colour for g in spec.objects]})
     return summarize(rows, getattr(suite, "name", "custom"), len(prompts))
 
 
 def summarize(rows: list[dict], suite_name: str, n_prompts: int) -> dict:
     right: dict[str, list[bool]] = {}
     by_shape: dict[str, list[bool]] = {}  # the 'shape:i' claims grouped by the shape the prompt asks for
+    by_colour: dict[str, list[bool]] = {}  # the 'colour:i' claims grouped by the colour the prompt asks for
     for row in rows:
         for name, ok in row["claims"].items():
             right.setdefault(claim_kind(name), []).append(ok)
-        for i, shape in enumerate(row.get("shapes", ())):
-            if f"shape:{i}" in row["claims"]:
-                by_shape.setdefault(shape, []).append(row["claims"][f"shape:{i}"])
+        for key, groups, values in (("shape", by_shape, row.get("shapes", ())),
+                                    ("colour", by_colour, row.get("colours", ()))):
+            for i, value in enumerate(values):
+                if f"{key}:{i}" in row["claims"]:
+                    groups.setdefault(value, []).append(row["claims"][f"{key}:{i}"])
     return {"suite": suite_name, "n_prompts": n_prompts, "n_images": len(rows),
             "accuracy": float(np.mean([r["all_correct"] for r in rows])) if rows else 0.0,
             "claims": {k: float(np.mean(v)) for k, v in right.items()},
-            "shape_by_shape": {k: float(np.mean(by_shape[k])) for k in sorted(by_shape)}, "results": rows}
+            "shape_by_shape": {k: float(np.mean(by_shape[k])) for k in sorted(by_shape)},
+            "colour_by_colour": {k: float(np.mean(by_colour[k])) for k in sorted(by_colour)}, "results": rows}

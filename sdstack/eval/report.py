@@ -27,6 +27,9 @@ def format_table(summary: dict) -> str:
     by_shape = summary.get("shape_by_shape")
     if by_shape:  # which shapes the model draws right (the shape claim, per shape the prompt asks for)
         lines.append("  shape right by shape: " + ", ".join(f"{k} {v:.0%}" for k, v in by_shape.items()))
+    by_colour = summary.get("colour_by_colour")
+    if by_colour:  # which colours the model paints right (the colour claim, per colour the prompt asks for)
+        lines.append("  colour right by colour: " + ", ".join(f"{k} {v:.0%}" for k, v in by_colour.items()))
     return "\n".join(lines)
 
 

@@ -42,8 +42,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def loss_curve(history: list[tuple[int, float]], size: tuple[int, int] = (640, 360), log_y: bool = True,
-               title: str = "training loss") -> Image.Image:
-    """Loss against step (grey: raw, blue: moving average), y axis logarithmic by default."""
+               title: str = "training loss", x_label: str = "step") -> Image.Image:
+    """Loss against step (grey: raw, blue: moving average), y axis logarithmic by default; `x_label` names the
+    x unit (e.g. "k images" for runs of different batch sizes on one axis)."""
     w, h = size
     img = Image.new("RGB", size, (255, 255, 255))
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
@@ -65,8 +66,8 @@ def loss_curve(history: list[tuple[int, float]], size: tuple[int, int] = (640, 3
         v = y0 + frac * (y1 - y0)
         y = bottom - frac * (bottom - top)
         draw.text((2, y - 6), f"{10 ** v if log_y else v:.3g}", fill=(0, 0, 0), font=font)
-    draw.text((left, bottom + 6), f"step {x0}", fill=(0, 0, 0), font=font)
-    draw.text((right - 70, bottom + 6), f"step {x1}", fill=(0, 0, 0), font=font)
+    draw.text((left, bottom + 6), f"{x_label} {x0}", fill=(0, 0, 0), font=font)
+    draw.text((right - 6 * len(f"{x_label} {x1}") - 4, bottom + 6), f"{x_label} {x1}", fill=(0, 0, 0), font=font)
     draw.line([xy(s, v) for s, v in zip(steps, vals)], fill=(190, 190, 190), width=1)
     smooth = _smooth(vals, max(1, len(vals) // 50))
     draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 80, 200), width=2)

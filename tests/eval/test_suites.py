@@ -120,6 +120,7 @@ def test_reports(tmp_path):
     assert [p.objects[0].shape for p in small.prompts] == ["circle", "square", "triangle", "star"]
     assert summary["shape_by_shape"] == {"circle": 1.0, "square": 1.0, "star": 1.0, "triangle": 0.0}
     assert "shape right by shape: " in table
+    assert summary["colour_by_colour"] == {"red": 0.75}  # no triangle: its colour claim fails with the shape
     assert "single" in format_overview([summary])
     path = write_json([summary], tmp_path / "out" / "eval.json")
     assert json.loads(path.read_text())[0]["accuracy"] == 0.75
@@ -136,3 +137,16 @@ def test_reports(tmp_path):
     assert json.loads(paths["json"].read_text())["suite"] == "single"
     assert Image.open(paths["contact_sheet"]).format == "PNG"
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["single.json", "single.png"]  # no temp files
+
+
+def test_colour_by_colour_groups_the_colour_claims_by_the_prompted_colour():
+    suite = get_suite("single")
+    picked = [suite.prompts[i] for i in (0, 1, 7)]
+    assert [(p.objects[0].colour, p.objects[0].shape) for p in picked] == [
+        ("red", "circle"), ("red", "square"), ("orange", "circle")]
+    small = type(suite)(suite.name, picked)
+    red_circle = suite.reference_image(0)
+    summary = evaluate([red_circle, suite.reference_image(1), red_circle], small)  # orange asked, red drawn
+    assert summary["colour_by_colour"] == {"orange": 0.0, "red": 1.0}
+    assert summary["shape_by_shape"] == {"circle": 1.0, "square": 1.0}
+    assert "colour right by colour: orange 0%, red 100%" in format_table(summary)
