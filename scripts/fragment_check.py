@@ -2,6 +2,7 @@
 and how the score depends on it, on `single` prompts (one object each).
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/fragment_check.py [--model M] [--prompts 77] [--every 2] [--seeds 2]
+        [--sampler S] [--scheduler K] [--steps N] [--cfg C]
 
 Prints, for images where the oracle finds 0, 1 or 2+ objects: how many, and how many are right in every claim.
 """
@@ -23,6 +24,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=77, help="the first N prompts of `single`")
     ap.add_argument("--every", type=int, default=2, help="take every k-th of them")
     ap.add_argument("--seeds", type=int, default=2, help="seeds 0..n-1 per prompt")
+    ap.add_argument("--sampler", default="DPM++ 2M", help="sampler [default: sdstack's default]")
+    ap.add_argument("--scheduler", default="Automatic")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=7.0)
     args = ap.parse_args()
 
     from sdstack.engine.generate import generate
@@ -36,7 +41,9 @@ def main() -> None:
     stats: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for spec in get_suite("single").prompts[:args.prompts:args.every]:
         for seed in range(args.seeds):
-            image = generate(bundle, make_params(prompt=spec.text, steps=20, seed=seed)).images[0]
+            params = make_params(prompt=spec.text, steps=args.steps, seed=seed, sampler_name=args.sampler,
+                                 scheduler=args.scheduler, cfg_scale=args.cfg)
+            image = generate(bundle, params).images[0]
             n = len(analyze(image).objects)
             key = "0 objects" if n == 0 else "1 object" if n == 1 else "2+ objects"
             stats[key][0] += 1

@@ -5,12 +5,14 @@ from __future__ import annotations
 from .. import __version__
 from ..metadata.infotext import build_infotext, parse_infotext
 from ..params import PARAMS, PARAMS_BY_NAME
+from ..sampling.denoisers import DiscreteSchedule
 from ..sampling.registry import schedule_label
 
 
 def build_image_infotext(bundle, p, seed, subseed, w, h, img2img, networks, cond) -> str:
     d: dict[str, object] = {
-        "Steps": p.steps, "Sampler": p.sampler_name, "Schedule type": schedule_label(p.sampler_name, p.scheduler),
+        "Steps": p.steps, "Sampler": p.sampler_name,
+        "Schedule type": schedule_label(p.sampler_name, p.scheduler, DiscreteSchedule(bundle.alphas_cumprod)),
         "CFG scale": p.cfg_scale,
         "Seed": seed, "Size": f"{w}x{h}", "Model hash": bundle.shorthash, "Model": bundle.name,
     }

@@ -150,3 +150,36 @@ def test_every_sampler_lands_on_a_point_mass(name, prediction, sd_schedule):
     assert out.shape == X0.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out, X0, atol=1e-4, rtol=0)
     assert [s["i"] for s in steps] == list(range(len(sigmas) - 1))
+
+
+@pytest.fixture(scope="module")
+def zsnr_schedule() -> DiscreteSchedule:
+    """A zero-terminal-SNR schedule as diffusers builds it (rescale_betas_zero_snr: alpha_bar_T clamped to 2**-24)."""
+    sched = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             rescale_betas_zero_snr=True)
+    return DiscreteSchedule(sched.alphas_cumprod)
+
+
+def test_automatic_on_a_zero_terminal_snr_model_spaces_timesteps_evenly(sd_schedule, zsnr_schedule):
+    """Lin et al. 2023 (section 3.3): zero-SNR models sample on evenly spaced trailing timesteps; Karras'
+    rho-spacing from a last sigma of ~4096 would spend the steps where nothing is decided."""
+    assert zsnr_schedule.sigma_max > 4000 and sd_schedule.sigma_max < 15
+    for name in ("DPM++ 2M", "Euler", "Euler a", "DPM++ 2M SDE", "DPM2"):
+        sampler, auto = resolve_sampler(name, "Automatic")
+        sgm = get_sigmas(sampler, SCHEDULERS["sgm_uniform"], 20, zsnr_schedule)
+        torch.testing.assert_close(get_sigmas(sampler, auto, 20, zsnr_schedule), sgm)
+        assert schedule_label(name, "Automatic", zsnr_schedule) == "SGM Uniform"
+    # the steps are even in timestep: the first is the last training timestep (999), then 50 apart
+    sampler, auto = resolve_sampler("DPM++ 2M", "Automatic")
+    t = zsnr_schedule.sigma_to_t(get_sigmas(sampler, auto, 20, zsnr_schedule)[:-1])
+    torch.testing.assert_close(t, torch.linspace(999, 0, 21)[:-1], atol=1e-2, rtol=0)
+    # an ordinary model keeps A1111's defaults; a named schedule runs as named; DDIM keeps its own timesteps
+    torch.testing.assert_close(get_sigmas(sampler, auto, 20, sd_schedule),
+                               get_sigmas(sampler, SCHEDULERS["karras"], 20, sd_schedule))
+    assert schedule_label("DPM++ 2M", "Automatic", sd_schedule) == "Karras"
+    assert schedule_label("Euler", "Automatic", sd_schedule) == "Automatic"
+    karras = get_sigmas(sampler, SCHEDULERS["karras"], 20, zsnr_schedule)
+    assert float(karras[1]) > 2 * float(get_sigmas(sampler, auto, 20, zsnr_schedule)[1])  # really different
+    ddim, ddim_auto = resolve_sampler("DDIM", "Automatic")
+    torch.testing.assert_close(get_sigmas(ddim, ddim_auto, 20, zsnr_schedule),
+                               get_sigmas(ddim, SCHEDULERS[ddim.default_scheduler], 20, zsnr_schedule))
