@@ -4,7 +4,8 @@
 # AdamW and cosine schedule) with a GPU-sized batch. A short probe run measures the speed first, so the cosine
 # schedule is sized to end inside the budget (SIGINT at the deadline still leaves a checkpoint).
 #
-#   scripts/gpu_continue_shapes.sh SECONDS OUTDIR   (env: PY, BATCH, LR, WORKERS, INIT, VAE, RUN; STEPS skips the probe)
+#   scripts/gpu_continue_shapes.sh SECONDS OUTDIR   (env: PY, BATCH, LR, WORKERS, INIT, VAE, RUN; STEPS skips the probe;
+#     WORLD_SEED: fresh shapes-world images; KINDS: the caption-kind mix, e.g. "[0.2, 0.35, 0.15, 0.2, 0.1]")
 #
 # Writes OUTDIR/{unet.safetensors,text_encoder.safetensors} (fp16 EMA weights of the last checkpoint),
 # metrics.jsonl, config.toml and the logs.
@@ -26,7 +27,9 @@ left() { echo $((BUDGET - $(date +%s) + T0)); }
 COMMON=(--config configs/shapes-v1/text2image.toml --set "vae=$VAE" --set "init_from=$INIT"
         --set "run.batch_size=$BATCH" --set "optim.lr=$LR" --set optim.warmup_steps=200
         --set "run.workers=$WORKERS" --set run.sample_every=0 --set run.checkpoint_every=0
-        --set run.checkpoint_minutes=2 --set run.log_every=25 --set run.progress=true --set vae_precision=no)
+        --set run.checkpoint_minutes=2 --set run.log_every=25 --set run.progress=true --set vae_precision=no
+        --set "data.world_seed=${WORLD_SEED:-0}")
+if [ -n "${KINDS:-}" ]; then COMMON+=(--set "data.kind_weights=$KINDS"); fi
 
 rm -rf "$RUN" "$RUN-probe"
 if [ -n "${STEPS:-}" ]; then  # known speed: no probe

@@ -315,9 +315,20 @@ def _counts(kind: str, rng: random.Random) -> list[int]:
     return counts
 
 
-def random_spec(rng: random.Random, split: str = "train", kind: str | None = None) -> PromptSpec:
-    """Random claims of one of the KIND_WEIGHTS kinds; train never uses HELDOUT_PAIRS, heldout always does."""
-    kind = kind or rng.choices(tuple(KIND_WEIGHTS), weights=tuple(KIND_WEIGHTS.values()))[0]
+def check_kind_weights(weights) -> tuple[float, ...]:
+    """`weights` (one per KIND_WEIGHTS kind, in its order) checked: non-negative, not all zero."""
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != len(KIND_WEIGHTS) or min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(f"kind weights must be {len(KIND_WEIGHTS)} non-negative numbers, not all zero, for "
+                        f"{', '.join(KIND_WEIGHTS)} (in that order); got {list(weights)}", field="kind_weights")
+    return weights
+
+
+def random_spec(rng: random.Random, split: str = "train", kind: str | None = None,
+                weights: tuple[float, ...] | None = None) -> PromptSpec:
+    """Random claims of one of the KIND_WEIGHTS kinds (drawn with `weights`, one per kind, default KIND_WEIGHTS);
+    train never uses HELDOUT_PAIRS, heldout always does."""
+    kind = kind or rng.choices(tuple(KIND_WEIGHTS), weights=weights or tuple(KIND_WEIGHTS.values()))[0]
     pool, other = _pairs(split), _pairs("train" if split == "heldout" else split)
     if kind == "single":
         c, s = rng.choice(pool)
@@ -346,18 +357,21 @@ def seeded_rng(*parts) -> random.Random:
 
 
 class ShapesWorld:
-    """An endless, indexable dataset of (image, caption, scene); `sample(i)` depends only on (seed, split, i)."""
+    """An endless, indexable dataset of (image, caption, scene); `sample(i)` depends only on (seed, split, i) and
+    the kind weights (how often each KIND_WEIGHTS kind of caption is drawn; the default is KIND_WEIGHTS)."""
 
-    def __init__(self, resolution: int = 64, seed: int = 0, split: str = "train"):
+    def __init__(self, resolution: int = 64, seed: int = 0, split: str = "train",
+                 kind_weights: tuple[float, ...] | None = None):
         self.resolution = check_resolution(resolution)
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}", field="split")
         self.seed, self.split = seed, split
+        self.kind_weights = check_kind_weights(kind_weights) if kind_weights else None
 
     def spec(self, index: int) -> tuple[PromptSpec, Scene]:
         """The claims and the scene of sample `index` (no pixels)."""
         rng = seeded_rng(self.seed, self.split, index)
-        spec = random_spec(rng, self.split)
+        spec = random_spec(rng, self.split, weights=self.kind_weights)
         spec = PromptSpec(spec.objects, spec.relation, spec.background, text=render_caption(spec, rng))
         return spec, scene_from_prompt(spec, rng)
 

@@ -47,6 +47,9 @@ class DataConfig:
     resolution: int = 64
     split: str = "train"  # shapes world split
     world_seed: int = 0  # shapes world seed
+    # shapes world: how often each kind of caption is drawn, one weight per kind in the order single, relation,
+    # counting, two, list (sdstack.data.shapes.KIND_WEIGHTS); empty = the world's default mix
+    kind_weights: tuple[float, ...] = ()
     caption_ext: str = ".txt"
     random_flip: bool = False
 
@@ -260,6 +263,13 @@ def validate(cfg) -> None:
     if data.resolution % 8 or not 16 <= data.resolution <= 1024:
         raise UserError(f"config: data.resolution must be a multiple of 8 from 16 to 1024, got {data.resolution}",
                         field="data.resolution")
+    if data.kind_weights:
+        from ..data.shapes import check_kind_weights
+
+        try:
+            check_kind_weights(data.kind_weights)
+        except UserError as e:
+            raise UserError(f"config: data.{e}", field="data.kind_weights") from None
     if data.source == "folder" and not data.path:
         raise UserError("config: data.path is required when data.source = \"folder\"", field="data.path")
     if data.source == "folder" and not Path(data.path).is_dir():

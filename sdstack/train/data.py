@@ -22,7 +22,8 @@ class TrainingImages:
         if cfg.source == "shapes":
             from ..data.shapes import ShapesWorld
 
-            self.source = ShapesWorld(resolution=cfg.resolution, seed=cfg.world_seed, split=cfg.split)
+            self.source = ShapesWorld(resolution=cfg.resolution, seed=cfg.world_seed, split=cfg.split,
+                                      kind_weights=cfg.kind_weights or None)
             self.size = None
             self.summary = {"source": "shapes world", "split": cfg.split}
         else:

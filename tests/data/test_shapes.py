@@ -112,6 +112,28 @@ def test_captions_cover_the_issues_kinds(samples):
     assert any(t.startswith("there ") for t in texts) and any(t.startswith("a picture of") for t in texts)
 
 
+def test_kind_weights_set_the_mix_and_default_to_the_worlds():
+    def kinds(world, n=400):
+        out = Counter()
+        for i in range(n):
+            spec = world.spec(i)[0]
+            counts = [o.count for o in spec.objects]
+            out["relation" if spec.relation else "single" if len(spec.objects) == 1 and counts == [1] else "other"] += 1
+        return out
+
+    plain = ShapesWorld(64, seed=5)
+    assert [plain.spec(i)[0] for i in range(50)] == [ShapesWorld(64, seed=5, kind_weights=(.3, .2, .2, .15, .15))
+                                                     .spec(i)[0] for i in range(50)]  # the documented default mix
+    only_rel = kinds(ShapesWorld(64, seed=5, kind_weights=(0, 1, 0, 0, 0)))
+    assert only_rel == {"relation": 400}
+    leaning = kinds(ShapesWorld(64, seed=5, kind_weights=(0.1, 0.6, 0.1, 0.1, 0.1)))
+    assert 0.5 < leaning["relation"] / 400 < 0.7  # binomial(400, 0.6): 0.6 +- 0.025 sd
+    base = kinds(plain)
+    assert 0.14 < base["relation"] / 400 < 0.26
+    with pytest.raises(UserError, match="single, relation, counting, two, list"):
+        ShapesWorld(64, kind_weights=(1, 1))
+
+
 def test_parse_caption_round_trips_every_template_and_synonym():
     rng = random.Random(0)
     used = Counter()

@@ -40,6 +40,8 @@ def test_saved_config_reads_back_equal(tmp_path):
     ("[run]\nmixed_precision = \"fp8\"\n", "run.mixed_precision"),
     ("[data]\nsource = \"folder\"\n", "data.path"),
     ("[run]\nmax_steps = [\n", "not valid TOML"),
+    ("[data]\nkind_weights = [1, 2]\n", "data.kind weights"),
+    ("[data]\nkind_weights = [1, -1, 1, 1, 1]\n", "data.kind weights"),
 ])
 def test_bad_config_is_one_line_naming_the_problem(tmp_path, text, needle):
     with pytest.raises(UserError) as e:
