@@ -53,7 +53,10 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("lora", "dreambooth", "textual_inversion", "full")
 CONCEPTS = ("ring", "outline")
 TOKEN = "zwx"  # tokenizes to 'z' + 'wx</w>': not a CLIP word, and no word of the shapes world
-CLASS_PROMPTS = {"ring": "a circle", "outline": "a circle"}  # DreamBooth prior preservation (module docstring)
+# prior preservation (module docstring): the world's seven shapes, the circle (nearest the ring) first
+WORLD_CLASS = ("a circle", "a square", "a triangle", "a star", "a hexagon", "a heart", "a cross")
+CLASS_PROMPTS = {"ring": WORLD_CLASS, "outline": WORLD_CLASS}
+PRIOR_METHODS = ("lora", "dreambooth", "full")  # they take class images when their config asks for some
 INIT_WORDS = {"ring": "circle", "outline": "*"}  # textual inversion: the new word's vectors start from this word
 CONCEPT_GOAL = 0.80
 RETENTION_GOAL = 0.95
@@ -110,8 +113,9 @@ def train(opts, method: str, concept: str, data: Path) -> dict:
         args += ["--model", str(opts.model)]
     if method == "textual_inversion":
         args += ["--token", opts.token, "--init-word", INIT_WORDS[concept]]
-    if method == "dreambooth":
-        args += ["--class-prompt", CLASS_PROMPTS[concept]]
+    if method in PRIOR_METHODS:
+        for prompt in CLASS_PROMPTS[concept]:
+            args += ["--class-prompt", prompt]
     for item in opts.set:
         args += ["--set", item]
     output, seconds = _sdstack(args, opts.out / "logs" / f"train-{name}.log", opts.threads)

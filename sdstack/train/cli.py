@@ -169,6 +169,8 @@ def finetune_config(method: str, config_path, resume, out, flags: dict, sets: tu
     raw = _raw_config(config_path, resume)
     raw["method"] = method
     for name, value in flags.items():
+        if isinstance(value, tuple):  # a repeatable flag: absent when not given, one value as itself
+            value = None if not value else value[0] if len(value) == 1 else list(value)
         if value is not None:
             _set(raw, _FLAGS[name], value)
     if out is not None:
@@ -202,8 +204,10 @@ def _finetune_command(method: str, doc: str):
     @click.option("--init-word", default=None, help="Textual inversion: start from this word's embedding.")
     @click.option("--num-vectors", type=int, default=None, help="Textual inversion: vectors per token.")
     @click.option("--instance-prompt", default=None, help="DreamBooth: caption of images without one.")
-    @click.option("--class-prompt", default=None, help="DreamBooth: prompt of the prior-preservation images.")
-    @click.option("--num-class-images", type=int, default=None, help="DreamBooth: prior-preservation images.")
+    @click.option("--class-prompt", multiple=True, help="Prior preservation (dreambooth, lora, full): prompt of the "
+                  "class images; repeat it for several (taken in turn).")
+    @click.option("--num-class-images", type=int, default=None,
+                  help="Prior preservation (dreambooth, lora, full): how many class images (0 = none).")
     @_SET
     def command(config_path, resume, out, stop_at, sets, **flags):
         from .finetune import finetune

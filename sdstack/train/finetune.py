@@ -27,7 +27,7 @@ import torch
 
 from ..errors import UserError
 from .diffusion import diffusion_loss, training_alphas
-from .finetune_config import FinetuneConfig
+from .finetune_config import PRIOR_METHODS, FinetuneConfig, class_prompts
 from .loop import Task, seed_everything, train
 from .plots import image_grid, save_png
 from ..fsio import atomic_path, atomic_write
@@ -240,16 +240,15 @@ class FinetuneTask(Task):
         self.alpha_bar = training_alphas(b.schedule).float()
         self.started = time.time()
         self.run_dir = Path(cfg.run.out)
-        if cfg.method == "dreambooth" and cfg.dreambooth.num_class_images:
+        if cfg.prior_preservation:
             self.class_dir = ensure_class_images(cfg, b)
         data = _data_config(cfg, b)
-        if cfg.method == "dreambooth" and cfg.dreambooth.num_class_images:
+        if cfg.prior_preservation:
             from ..data.dataset_config import SubsetConfig
 
-            for ds in data.datasets:
+            for ds in data.datasets:  # each class image's caption file holds its own prompt
                 ds.subsets.append(SubsetConfig(image_dir=str(self.class_dir), is_reg=True,
-                                               class_tokens=cfg.dreambooth.class_prompt,
-                                               caption_extension=".txt"))
+                                               class_tokens=class_prompts(cfg.dreambooth)[0], caption_extension=".txt"))
         index = build_index(data)
         self.index, self.val_index = _split(index, cfg.data.validation_split, cfg.run.seed)
         trigger = cfg.textual_inversion.token if cfg.method == "textual_inversion" else None
@@ -434,7 +433,7 @@ class FinetuneTask(Task):
                 text = self._encode_captions(batch["captions"])
         else:
             text = self.text(batch["captions"])
-        if sample_weights is None and self.cfg.method == "dreambooth":
+        if sample_weights is None and "reg" in batch and self.cfg.method in PRIOR_METHODS:
             w = self.cfg.dreambooth.prior_loss_weight
             sample_weights = torch.where(batch["reg"], torch.tensor(w), torch.tensor(1.0))
         time_ids = batch.get("time_ids")
@@ -613,21 +612,25 @@ def _generate_class_image(bundle, db, seed: int, res: int):
     from ..engine.generate import generate
     from ..params import make_params
 
-    p = make_params(prompt=db.class_prompt, steps=db.class_steps, cfg_scale=db.class_cfg_scale, seed=seed,
-                    width=res, height=res)
+    prompts = class_prompts(db)
+    p = make_params(prompt=prompts[seed % len(prompts)], steps=db.class_steps, cfg_scale=db.class_cfg_scale,
+                    seed=seed, width=res, height=res)
     return generate(bundle, p).images[0]
 
 
 def ensure_class_images(cfg: FinetuneConfig, bundle) -> Path:
-    """DreamBooth prior-preservation images made by the base model from `class_prompt`, cached in the class
-    folder (a manifest records model, prompt and settings; matching images already there are reused)."""
+    """Prior-preservation images made by the base model from the class prompt(s) (image i from prompt i mod n),
+    cached in the class folder (a manifest records model, prompts and settings; matching images already there are
+    reused). Each image's caption file holds its prompt."""
     from tqdm import tqdm
 
     db = cfg.dreambooth
     folder = Path(db.class_dir) if db.class_dir else Path(cfg.run.out) / "class_images"
     folder.mkdir(parents=True, exist_ok=True)
     res = cfg.data.resolution or bundle.default_size
-    recipe = {"model": bundle.shorthash or bundle.name, "prompt": db.class_prompt, "steps": db.class_steps,
+    prompts = class_prompts(db)
+    recipe = {"model": bundle.shorthash or bundle.name,
+              "prompt": prompts[0] if len(prompts) == 1 else list(prompts), "steps": db.class_steps,
               "cfg_scale": db.class_cfg_scale, "size": res}
     manifest = folder / "class_images.json"
     done = json.loads(manifest.read_text()) if manifest.is_file() else {}
@@ -640,7 +643,7 @@ def ensure_class_images(cfg: FinetuneConfig, bundle) -> Path:
         image = _generate_class_image(bundle, db, i, res)
         with atomic_path(folder / names[i]) as tmp:
             image.save(tmp, format="PNG")
-        atomic_write((folder / names[i]).with_suffix(".txt"), db.class_prompt)
+        atomic_write((folder / names[i]).with_suffix(".txt"), prompts[i % len(prompts)])
         have.add(names[i])
         manifest.write_text(json.dumps({"recipe": recipe, "images": sorted(have)}, indent=1))
     for stale in folder.glob("class_*.png"):

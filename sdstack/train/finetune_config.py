@@ -23,6 +23,9 @@ from .config import EMAConfig, OptimConfig, RunConfig, _check_choice
 
 METHODS = ("lora", "dreambooth", "textual_inversion", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")
+# methods that take prior preservation ([dreambooth] class images; kohya's reg images): textual inversion trains
+# only the new word's vectors, which a caption without the word never reaches
+PRIOR_METHODS = ("lora", "dreambooth", "full")
 # kohya's LoRA targets: the Linear layers (and 1x1 convs) of the UNet's transformer blocks and the text encoder's
 # attention and MLP
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
@@ -73,13 +76,21 @@ class LoraOptions:
 @dataclass
 class DreamBoothOptions:
     instance_prompt: str = ""  # caption of instance images that have none, e.g. "a sks dog"
-    class_prompt: str = ""  # e.g. "a dog": prior-preservation images are generated from it by the base model
-    num_class_images: int = 0  # 0 = no prior preservation
+    # e.g. "a dog": prior-preservation images are generated from it by the base model; a list of prompts is taken
+    # in turn (image i from prompt i mod n), a class of several kinds of thing
+    class_prompt: str | tuple[str, ...] = ""
+    num_class_images: int = 0  # 0 = no prior preservation (lora, dreambooth and full: kohya's reg images)
     prior_loss_weight: float = 1.0
     class_dir: str = ""  # "" = <run out>/class_images (reused when it already holds them)
     class_steps: int = 20
     class_cfg_scale: float = 7.0
     train_text_encoder: bool = False
+
+
+def class_prompts(db: DreamBoothOptions) -> tuple[str, ...]:
+    """The prior-preservation prompts: `class_prompt` as a tuple, blanks dropped."""
+    p = db.class_prompt
+    return tuple(x for x in ((p,) if isinstance(p, str) else p) if x.strip())
 
 
 @dataclass
@@ -156,14 +167,18 @@ class FinetuneConfig:
             if ti.num_vectors < 1:
                 raise UserError("config: textual_inversion.num_vectors must be at least 1",
                                 field="textual_inversion.num_vectors")
-        if self.method == "dreambooth":
+        if self.method in PRIOR_METHODS:
             db = self.dreambooth
             if db.num_class_images < 0 or db.prior_loss_weight < 0:
                 raise UserError("config: dreambooth.num_class_images and prior_loss_weight must not be negative",
                                 field="dreambooth.num_class_images")
-            if db.num_class_images and not db.class_prompt:
+            if db.num_class_images and not class_prompts(db):
                 raise UserError("config: dreambooth.class_prompt is required for prior preservation "
                                 "(num_class_images > 0)", field="dreambooth.class_prompt")
+
+    @property
+    def prior_preservation(self) -> bool:
+        return self.method in PRIOR_METHODS and self.dreambooth.num_class_images > 0
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,6 +250,51 @@ def test_dreambooth_class_images_are_made_once_and_weighted(base, tmp_path, monk
     expected = first + 0.5 * (both - first)  # (l0 + 0.5 l1) / 2
     torch.testing.assert_close(weighted, expected, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(weighted, both)
+
+
+def test_lora_takes_prior_preservation_from_several_class_prompts_in_turn(base, tmp_path):
+    from PIL import Image
+
+    from sdstack.engine.generate import generate
+    from sdstack.params import make_params
+    from sdstack.train import finetune as ft
+
+    # a repeated --class-prompt arrives from click as a tuple
+    cfg = _cfg(base, tmp_path, "lora", "dreambooth.class_steps=2", "dreambooth.prior_loss_weight=0.25",
+               class_prompt=("a circle", "a red star"), num_class_images=3)
+    assert cfg.prior_preservation and cfg.dreambooth.class_prompt == ("a circle", "a red star")
+    task = ft.FinetuneTask(cfg)
+    class_dir = tmp_path / "lora" / "class_images"
+    assert [(class_dir / f"class_0000{i}.txt").read_text() for i in range(3)] == ["a circle", "a red star",
+                                                                                  "a circle"]
+    # image 1 is the base model's "a red star" at seed 1 with the class settings
+    expected = generate(task.bundle, make_params(prompt="a red star", steps=2, cfg_scale=7.0, seed=1, width=32,
+                                                 height=32)).images[0]
+    got = np.asarray(Image.open(class_dir / "class_00001.png").convert("RGB"), dtype=np.int16)
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+    assert task.index.num_reg_images == task.index.num_train_images
+    captions = {task.index.items[i].caption for i, it in enumerate(task.index.items)
+                if task.index.subsets[it.subset].is_reg}
+    assert captions == {"a circle", "a red star"}
+    assert json.loads((class_dir / "class_images.json").read_text())["recipe"]["prompt"] == ["a circle",
+                                                                                           "a red star"]
+    # the prior loss weight applies to a LoRA run's class images: (l_inst + 0.25 l_class) / 2
+    reg = [i for i, it in enumerate(task.index.items) if task.index.subsets[it.subset].is_reg][0]
+    inst = [i for i, it in enumerate(task.index.items) if not task.index.subsets[it.subset].is_reg][0]
+    from accelerate import Accelerator
+
+    task.setup(Accelerator(cpu=True))
+    batch = task.make_batch([inst, reg], 0, 0)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    with torch.no_grad():
+        weighted, _ = task.loss(task.module, batch, g())
+        both, _ = task.loss(task.module, batch, g(), sample_weights=torch.tensor([1.0, 1.0]))
+        first, _ = task.loss(task.module, batch, g(), sample_weights=torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(weighted, first + 0.25 * (both - first), atol=1e-6, rtol=1e-5)
+
+    # textual inversion takes no prior: its vectors never see a caption without the word
+    ti = _cfg(base, tmp_path, "textual_inversion", token="zwq", class_prompt="a circle", num_class_images=3)
+    assert not ti.prior_preservation
 
 
 # ---------------------------------------------------------------------------------------------- data, errors, CLI
