@@ -25,11 +25,12 @@ full):
                     hold each pair once; a smaller limit leaves colours out.
    Goals: concept share >= 80%, retention (single score / base score) >= 95%.
 
-DreamBooth's prior preservation uses class images the base model draws from a class prompt (CLASS_PROMPTS): "a
-circle" for the ring, the world's nearest shape, so that circles stay circles; "a circle" for the outline style
-too: its instance captions are ordinary world captions plus ", TOKEN style", and a DreamBooth run has one class
-prompt, so the class images anchor the un-outlined look of the world's commonest kind of prompt (one coloured
-shape, as in the `single` suite).
+Prior preservation (DreamBooth's, and kohya's regularisation images for LoRA and full fine-tuning, where a
+recipe sets `dreambooth.num_class_images`) uses class images the base model draws from the class prompts
+(CLASS_PROMPTS): the world's seven shapes without a colour ("a circle", "a square", ...), taken in turn, for both
+concepts. They anchor the look of ordinary one-object prompts (as in the `single` suite), which a few images of one
+new shape or style otherwise pull towards themselves. kohya balancing draws as many class images per epoch as
+instance images, so `--repeats N` (the 10 images in an `N_TOKEN` folder) lets 10 x N class images take part.
 
 Writes OUT/proof.md (the table) and OUT/proof.json (every number, the commands and settings); prints the table.
 Exit status 0 even when a goal is missed (the table says which); 1 if a run fails.
@@ -58,6 +59,7 @@ WORLD_CLASS = ("a circle", "a square", "a triangle", "a star", "a hexagon", "a h
 CLASS_PROMPTS = {"ring": WORLD_CLASS, "outline": WORLD_CLASS}
 PRIOR_METHODS = ("lora", "dreambooth", "full")  # they take class images when their config asks for some
 INIT_WORDS = {"ring": "circle", "outline": "*"}  # textual inversion: the new word's vectors start from this word
+REPEATS = 1  # kohya repeats of the 10 images (--repeats)
 CONCEPT_GOAL = 0.80
 RETENTION_GOAL = 0.95
 IMAGES_PER_SECOND = re.compile(r"last loss [-+0-9.einf]+, ([0-9.]+) images/s")
@@ -198,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--token", default=TOKEN, help="The trigger word (not a CLIP word).")
     ap.add_argument("--configs", type=Path, default=ROOT / "configs" / "finetune-proof", help="Recipe folder.")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every subprocess.")
+    ap.add_argument("--repeats", type=int, default=REPEATS,
+                    help="The 10 images go in a kohya `N_name` folder with N = this (an epoch = 10 x N draws; with "
+                         "prior preservation, as many class images are drawn per epoch).")
     ap.add_argument("--tag", default="", help="Suffix of the run names (for experiments in one --out).")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Passed to every `sdstack finetune` as --set (for experiments).")
@@ -223,8 +228,8 @@ def main(argv=None) -> int:
         base = eval_single(opts, "base")
         rows = []
         for concept in concepts:
-            data = opts.out / "data" / concept
-            concept_dataset(concept, data, n=10, token=opts.token)
+            data = opts.out / "data" / f"{concept}-r{opts.repeats}"
+            concept_dataset(concept, data / f"{opts.repeats}_{opts.token}", n=10, token=opts.token)
             for method in methods:
                 row = {"method": method, "concept": concept, **train(opts, method, concept, data)}
                 row.update(eval_concept(opts, row["run"], concept, method, row["result"]))

@@ -59,6 +59,9 @@ PARAMS: tuple[Param, ...] = (
           choices=_scheduler_labels),
     Param("cfg_scale", float, 7.0, "Classifier-free guidance scale.", cli="--cfg", infotext="CFG scale",
           min=0.0, max=100.0),
+    Param("rescale_cfg", float, -1.0, "CFG rescale phi (Lin et al. 2023): blend the guided prediction with itself "
+          "rescaled to the conditional one's spread; -1 = automatic (0.7 on zero-terminal-SNR models, else 0).",
+          cli="--rescale-cfg", infotext="Rescale CFG", min=-1.0, max=1.0, label="Rescale CFG"),
     Param("seed", int, -1, "Seed; -1 = random. Image i of a job uses seed+i.", cli="--seed", infotext="Seed",
           min=-1, max=2**32 - 1),
     Param("subseed", int, -1, "Variation seed; -1 = random.", cli="--variation-seed", infotext="Variation seed",

@@ -6,7 +6,7 @@ from .. import __version__
 from ..metadata.infotext import build_infotext, parse_infotext
 from ..params import PARAMS, PARAMS_BY_NAME
 from ..sampling.denoisers import DiscreteSchedule
-from ..sampling.registry import schedule_label
+from ..sampling.registry import effective_rescale_cfg, schedule_label
 
 
 def build_image_infotext(bundle, p, seed, subseed, w, h, img2img, networks, cond) -> str:
@@ -14,6 +14,7 @@ def build_image_infotext(bundle, p, seed, subseed, w, h, img2img, networks, cond
         "Steps": p.steps, "Sampler": p.sampler_name,
         "Schedule type": schedule_label(p.sampler_name, p.scheduler, DiscreteSchedule(bundle.alphas_cumprod)),
         "CFG scale": p.cfg_scale,
+        "Rescale CFG": _rescale_cfg(p, bundle),
         "Seed": seed, "Size": f"{w}x{h}", "Model hash": bundle.shorthash, "Model": bundle.name,
     }
     if bundle.vae_name:
@@ -38,6 +39,14 @@ def build_image_infotext(bundle, p, seed, subseed, w, h, img2img, networks, cond
     d["TI hashes"] = ", ".join(f"{n}: {(e.hash or '')[:12]}" for n, e in used.items()) or None
     d["Version"] = f"sdstack {__version__}"
     return build_infotext(p.prompt, p.negative_prompt, d)
+
+
+def _rescale_cfg(p, bundle):
+    """The CFG rescale that ran; left out (None) where it is 0 on a model whose automatic value is 0 too, so an
+    A1111 infotext stays as A1111 writes it."""
+    schedule = DiscreteSchedule(bundle.alphas_cumprod)
+    phi = effective_rescale_cfg(p.rescale_cfg, schedule)
+    return phi if phi or effective_rescale_cfg(-1, schedule) else None
 
 
 def params_from_infotext(text: str) -> tuple[dict, dict]:

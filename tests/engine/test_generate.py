@@ -162,3 +162,27 @@ def test_composable_and_matches_hand_combination(sd1):
     torch.testing.assert_close(got, un + 7.0 * (1.2 * (ua - un) + 0.5 * (ub - un)), rtol=1e-4, atol=1e-5)
     r = run(sd1, prompt="a red star :1.2 AND a blue circle :0.5")
     assert r.images[0].size == (64, 64)
+
+
+def test_rescale_cfg_runs_is_written_and_read_back(sd1):
+    import copy
+
+    plain, auto = run(sd1, rescale_cfg=0), run(sd1)
+    assert np.array_equal(arr(plain.images[0]), arr(auto.images[0]))  # an SD model: automatic is off
+    assert "Rescale CFG" not in plain.infotexts[0]
+    r = run(sd1, rescale_cfg=0.7)
+    assert not np.array_equal(arr(r.images[0]), arr(plain.images[0]))  # (a random tiny model: cond ~ uncond)
+    assert parse_infotext(r.infotexts[0])["Rescale CFG"] == "0.7"
+    values, _ = params_from_infotext(r.infotexts[0])
+    assert values["rescale_cfg"] == 0.7
+    assert np.array_equal(arr(generate(sd1, make_params(**values)).images[0]), arr(r.images[0]))
+
+    zsnr = copy.copy(sd1)  # the same networks on a zero-terminal-SNR v-prediction schedule
+    zsnr.schedule = dict(sd1.schedule, rescale_betas_zero_snr=True)
+    zsnr.prediction_type = "v_prediction"
+    assert float(zsnr.alphas_cumprod[-1]) < 1e-7
+    auto, fixed, off = run(zsnr), run(zsnr, rescale_cfg=0.7), run(zsnr, rescale_cfg=0)
+    assert np.array_equal(arr(auto.images[0]), arr(fixed.images[0]))  # automatic = 0.7 (Lin et al. 2023)
+    assert not np.array_equal(arr(auto.images[0]), arr(off.images[0]))
+    assert parse_infotext(auto.infotexts[0])["Rescale CFG"] == "0.7"
+    assert float(parse_infotext(off.infotexts[0])["Rescale CFG"]) == 0  # so a re-run does not turn it back on

@@ -183,3 +183,40 @@ def test_automatic_on_a_zero_terminal_snr_model_spaces_timesteps_evenly(sd_sched
     ddim, ddim_auto = resolve_sampler("DDIM", "Automatic")
     torch.testing.assert_close(get_sigmas(ddim, ddim_auto, 20, zsnr_schedule),
                                get_sigmas(ddim, SCHEDULERS[ddim.default_scheduler], 20, zsnr_schedule))
+
+
+def test_cfg_rescale_matches_diffusers_guidance_rescale():
+    """rescale_guidance on denoised predictions equals diffusers' rescale_noise_cfg on the v-predictions (Lin et al.
+    2023, section 3.4), mapped to denoised with the v-parameterisation (Salimans & Ho 2022)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from sdstack.engine.guidance import rescale_guidance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g) * 5
+    sigma = torch.tensor([4096.0, 3.0, 0.1])
+    s = sigma.view(-1, 1, 1, 1)
+    v_cond, v_uncond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g) * 1.5
+
+    def denoised(v):  # x0 from v at x = x0 + sigma * eps
+        return x / (s**2 + 1) - s * v / (s**2 + 1).sqrt()
+
+    scale = 7.0
+    v_cfg = v_uncond + scale * (v_cond - v_uncond)
+    for phi in (0.0, 0.7, 1.0):
+        want = denoised(rescale_noise_cfg(v_cfg, v_cond, guidance_rescale=phi))
+        got = rescale_guidance(denoised(v_cfg), denoised(v_cond), x, sigma, phi)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (rescale_guidance(denoised(v_cfg), denoised(v_cond), x, sigma, 0.7) - denoised(v_cfg)).abs().max() > 0.1
+
+
+def test_rescale_cfg_automatic_is_the_papers_on_zero_snr_models_only(sd_schedule, zsnr_schedule):
+    from sdstack.params import make_params
+    from sdstack.sampling.registry import effective_rescale_cfg
+
+    assert make_params().rescale_cfg == -1  # automatic by default
+    assert effective_rescale_cfg(-1, zsnr_schedule) == 0.7  # Lin et al. 2023: phi = 0.7
+    assert effective_rescale_cfg(-1, sd_schedule) == 0.0  # A1111 has no rescale: SD models run as there
+    assert effective_rescale_cfg(0.0, zsnr_schedule) == 0.0 and effective_rescale_cfg(0.3, sd_schedule) == 0.3
+    with pytest.raises(UserError, match="rescale_cfg"):
+        make_params(rescale_cfg=1.5)
