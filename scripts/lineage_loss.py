@@ -37,6 +37,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     pts = lineage(sys.argv[2:])
-    save_png(loss_curve(pts, title="shapes-v1 training loss (3 runs: batch 32, then 256 twice)",
+    save_png(loss_curve(pts, title=f"shapes-v1 training loss ({len(sys.argv) - 2} runs: batch 32, then 256)",
                         x_label="k images"), sys.argv[1])
     print(f"{len(pts)} points, {pts[-1][0]}k images -> {sys.argv[1]}")
