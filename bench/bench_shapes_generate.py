@@ -125,7 +125,8 @@ def run(args, work: Path) -> int:
     pipe = diffusers_pipeline(folder)
     bundle = load_model(folder)
     params = make_params(prompt=PROMPT, negative_prompt="", steps=args.steps, sampler_name="DPM++ 2M",
-                         scheduler="Karras", cfg_scale=args.cfg, seed=args.seed, width=s, height=s)
+                         scheduler="Karras", cfg_scale=args.cfg, seed=args.seed, width=s, height=s,
+                         rescale_cfg=0.0)  # the pipeline's guidance_rescale is 0: the same work on both sides
 
     def run_diffusers():
         g = torch.Generator().manual_seed(args.seed)
