@@ -235,11 +235,15 @@ def test_dreambooth_class_images_are_made_once_and_weighted(base, tmp_path, monk
     assert json.loads((class_dir / "class_images.json").read_text())["images"] == \
         [f"class_0000{i}.png" for i in range(3)]
 
-    # one instance and one class image in a batch: loss = (l_inst + 0.5 l_class) / 2 with the same noise
-    reg = [i for i, it in enumerate(task.index.items) if task.index.subsets[it.subset].is_reg][0]
-    inst = [i for i, it in enumerate(task.index.items) if not task.index.subsets[it.subset].is_reg][0]
+    _check_prior_loss_weight(task, 0.5)
+
+
+def _check_prior_loss_weight(task, w: float) -> None:
+    """One instance and one class image in a batch: loss = (l_inst + w l_class) / 2 with the same noise."""
     from accelerate import Accelerator
 
+    reg = [i for i, it in enumerate(task.index.items) if task.index.subsets[it.subset].is_reg][0]
+    inst = [i for i, it in enumerate(task.index.items) if not task.index.subsets[it.subset].is_reg][0]
     task.setup(Accelerator(cpu=True))
     batch = task.make_batch([inst, reg], 0, 0)
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
@@ -247,8 +251,7 @@ def test_dreambooth_class_images_are_made_once_and_weighted(base, tmp_path, monk
         weighted, _ = task.loss(task.module, batch, g())
         both, _ = task.loss(task.module, batch, g(), sample_weights=torch.tensor([1.0, 1.0]))  # (l0 + l1) / 2
         first, _ = task.loss(task.module, batch, g(), sample_weights=torch.tensor([1.0, 0.0]))  # l0 / 2
-    expected = first + 0.5 * (both - first)  # (l0 + 0.5 l1) / 2
-    torch.testing.assert_close(weighted, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weighted, first + w * (both - first), atol=1e-6, rtol=1e-5)  # (l0 + w l1) / 2
     assert not torch.allclose(weighted, both)
 
 
@@ -278,19 +281,7 @@ def test_lora_takes_prior_preservation_from_several_class_prompts_in_turn(base, 
     assert captions == {"a circle", "a red star"}
     assert json.loads((class_dir / "class_images.json").read_text())["recipe"]["prompt"] == ["a circle",
                                                                                            "a red star"]
-    # the prior loss weight applies to a LoRA run's class images: (l_inst + 0.25 l_class) / 2
-    reg = [i for i, it in enumerate(task.index.items) if task.index.subsets[it.subset].is_reg][0]
-    inst = [i for i, it in enumerate(task.index.items) if not task.index.subsets[it.subset].is_reg][0]
-    from accelerate import Accelerator
-
-    task.setup(Accelerator(cpu=True))
-    batch = task.make_batch([inst, reg], 0, 0)
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    with torch.no_grad():
-        weighted, _ = task.loss(task.module, batch, g())
-        both, _ = task.loss(task.module, batch, g(), sample_weights=torch.tensor([1.0, 1.0]))
-        first, _ = task.loss(task.module, batch, g(), sample_weights=torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(weighted, first + 0.25 * (both - first), atol=1e-6, rtol=1e-5)
+    _check_prior_loss_weight(task, 0.25)  # the prior loss weight applies to a LoRA run's class images
 
     # textual inversion takes no prior: its vectors never see a caption without the word
     ti = _cfg(base, tmp_path, "textual_inversion", token="zwq", class_prompt="a circle", num_class_images=3)
