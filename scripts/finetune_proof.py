@@ -57,7 +57,6 @@ TOKEN = "zwx"  # tokenizes to 'z' + 'wx</w>': not a CLIP word, and no word of th
 # prior preservation (module docstring): the world's seven shapes, the circle (nearest the ring) first
 WORLD_CLASS = ("a circle", "a square", "a triangle", "a star", "a hexagon", "a heart", "a cross")
 CLASS_PROMPTS = {"ring": WORLD_CLASS, "outline": WORLD_CLASS}
-PRIOR_METHODS = ("lora", "dreambooth", "full")  # they take class images when their config asks for some
 INIT_WORDS = {"ring": "circle", "outline": "*"}  # textual inversion: the new word's vectors start from this word
 REPEATS = 1  # kohya repeats of the 10 images (--repeats)
 CONCEPT_GOAL = 0.80
@@ -115,6 +114,8 @@ def train(opts, method: str, concept: str, data: Path) -> dict:
         args += ["--model", str(opts.model)]
     if method == "textual_inversion":
         args += ["--token", opts.token, "--init-word", INIT_WORDS[concept]]
+    from sdstack.train.finetune_config import PRIOR_METHODS  # they take class images when their config asks
+
     if method in PRIOR_METHODS:
         for prompt in CLASS_PROMPTS[concept]:
             args += ["--class-prompt", prompt]

@@ -15,7 +15,7 @@ from ..params import LATENT_UPSCALE_MODES, validate
 from ..prompts.conditioning import TextConditioner
 from ..prompts.parser import get_prompt_schedules, split_and
 from ..sampling.denoisers import DiscreteSchedule
-from ..sampling.registry import effective_rescale_cfg, get_sigmas, resolve_sampler
+from ..sampling.registry import get_sigmas, resolve_sampler
 from ..sampling.rng import ImageRNG
 from . import images as im
 from .guidance import CFGDenoiser
@@ -85,8 +85,7 @@ class _Job:
 
     def sample(self, x, sigmas, rng, pos, neg, time_ids):
         sampler, _ = resolve_sampler(self.p.sampler_name, self.p.scheduler)
-        phi = effective_rescale_cfg(self.p.rescale_cfg, DiscreteSchedule(self.bundle.alphas_cumprod))
-        den = CFGDenoiser(self.bundle, pos, neg, self.p.cfg_scale, time_ids, rescale=phi)
+        den = CFGDenoiser(self.bundle, pos, neg, self.p.cfg_scale, time_ids, rescale=self.p.rescale_cfg)
         last = {"denoised": x}
 
         def callback(info):

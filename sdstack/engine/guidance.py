@@ -12,6 +12,7 @@ import torch
 
 from ..prompts.conditioning import Cond
 from ..sampling.denoisers import make_denoiser
+from ..sampling.registry import effective_rescale_cfg
 
 
 def unet_model_fn(bundle):
@@ -75,7 +76,8 @@ class CFGDenoiser:
                  cfg_scale: float, time_ids: torch.Tensor | None = None, rescale: float = 0.0):
         self.inner = make_denoiser(unet_model_fn(bundle), bundle.alphas_cumprod, bundle.prediction_type)
         self.pos, self.neg, self.scale, self.time_ids = pos, neg, float(cfg_scale), time_ids
-        self.rescale = float(rescale)  # CFG rescale phi (rescale_guidance); 0 = plain CFG
+        # CFG rescale phi (rescale_guidance): the rescale_cfg parameter, -1 resolved for this model; 0 = plain CFG
+        self.rescale = effective_rescale_cfg(rescale, self.inner.schedule)
         self.step = 0
         # One batch of 2B (cond + uncond) is best on GPUs; on a few CPU cores two passes of B can be faster at
         # large latents (measured: SD 1.5 at 512px, 2 cores). The result is the same either way.
@@ -116,11 +118,12 @@ class CFGDenoiser:
         b = x.shape[0]
         neg = [pick(s, self.step) for s in self.neg]
         uncond = torch.cat([self._run(x[i : i + 1], sigma[i : i + 1], [neg[i]]) for i in range(b)])
-        out, unguided = uncond.clone(), uncond.clone()
+        out = uncond.clone()
+        unguided = uncond.clone() if self.rescale else None  # the rescale's reference: the sub-prompts at scale 1
         for i in range(b):
             for weight, cond in subs[i]:
                 delta = self._run(x[i : i + 1], sigma[i : i + 1], [cond]) - uncond[i : i + 1]
                 out[i : i + 1] += delta * (weight * self.scale)
-                unguided[i : i + 1] += delta * weight
-        # the rescale's reference: the sub-prompts combined at scale 1 (the conditional prediction without AND)
+                if unguided is not None:
+                    unguided[i : i + 1] += delta * weight
         return rescale_guidance(out, unguided, x, sigma, self.rescale) if self.rescale else out

@@ -10,11 +10,12 @@ from ..sampling.registry import effective_rescale_cfg, schedule_label
 
 
 def build_image_infotext(bundle, p, seed, subseed, w, h, img2img, networks, cond) -> str:
+    schedule = DiscreteSchedule(bundle.alphas_cumprod)
     d: dict[str, object] = {
         "Steps": p.steps, "Sampler": p.sampler_name,
-        "Schedule type": schedule_label(p.sampler_name, p.scheduler, DiscreteSchedule(bundle.alphas_cumprod)),
+        "Schedule type": schedule_label(p.sampler_name, p.scheduler, schedule),
         "CFG scale": p.cfg_scale,
-        "Rescale CFG": _rescale_cfg(p, bundle),
+        "Rescale CFG": _rescale_cfg(p.rescale_cfg, schedule),
         "Seed": seed, "Size": f"{w}x{h}", "Model hash": bundle.shorthash, "Model": bundle.name,
     }
     if bundle.vae_name:
@@ -41,11 +42,10 @@ def build_image_infotext(bundle, p, seed, subseed, w, h, img2img, networks, cond
     return build_infotext(p.prompt, p.negative_prompt, d)
 
 
-def _rescale_cfg(p, bundle):
+def _rescale_cfg(value: float, schedule: DiscreteSchedule):
     """The CFG rescale that ran; left out (None) where it is 0 on a model whose automatic value is 0 too, so an
     A1111 infotext stays as A1111 writes it."""
-    schedule = DiscreteSchedule(bundle.alphas_cumprod)
-    phi = effective_rescale_cfg(p.rescale_cfg, schedule)
+    phi = effective_rescale_cfg(value, schedule)
     return phi if phi or effective_rescale_cfg(-1, schedule) else None
 
 

@@ -433,7 +433,7 @@ class FinetuneTask(Task):
                 text = self._encode_captions(batch["captions"])
         else:
             text = self.text(batch["captions"])
-        if sample_weights is None and "reg" in batch and self.cfg.method in PRIOR_METHODS:
+        if sample_weights is None and self.cfg.method in PRIOR_METHODS:
             w = self.cfg.dreambooth.prior_loss_weight
             sample_weights = torch.where(batch["reg"], torch.tensor(w), torch.tensor(1.0))
         time_ids = batch.get("time_ids")
