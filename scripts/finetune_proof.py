@@ -104,6 +104,28 @@ def check_token(token: str) -> None:
         raise SystemExit(f"--token {token!r}: use lower-case letters only")
 
 
+def caption_class_prompt(caption: str, concept: str, token: str) -> str:
+    """The class prompt of one instance caption (`--prior captions`): the same words without the trigger, the
+    ring named as the world shape nearest it ("a red zwx ring on a white background" -> "a red circle on a white
+    background"; "a pink circle, zwx style" -> "a pink circle")."""
+    if concept == "ring":
+        text = caption.replace(f"{token} ring", "circle")
+    else:
+        text = caption.replace(f", {token} style", "")
+    if token in text.split():
+        raise ValueError(f"caption {caption!r} keeps the token {token!r} after removal")
+    return text
+
+
+def class_prompts(opts, concept: str, data: Path) -> list[str]:
+    """The class prompts of a prior-preservation run: the world's shape names (`--prior shapes`) or the instance
+    captions without the trigger (`--prior captions`), in the order of the image files."""
+    if opts.prior == "shapes":
+        return list(CLASS_PROMPTS[concept])
+    captions = sorted(data.glob("*/*.txt"))
+    return [caption_class_prompt(p.read_text(encoding="utf-8").strip(), concept, opts.token) for p in captions]
+
+
 def train(opts, method: str, concept: str, data: Path) -> dict:
     """One fine-tune run in a subprocess: the result's path, wall time and the trainer's images/s."""
     name = f"{method.replace('_', '-')}-{concept}{opts.tag}"
@@ -117,7 +139,7 @@ def train(opts, method: str, concept: str, data: Path) -> dict:
     from sdstack.train.finetune_config import PRIOR_METHODS  # they take class images when their config asks
 
     if method in PRIOR_METHODS:
-        for prompt in CLASS_PROMPTS[concept]:
+        for prompt in class_prompts(opts, concept, data):
             args += ["--class-prompt", prompt]
     for item in opts.set:
         args += ["--set", item]
@@ -204,6 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=REPEATS,
                     help="The 10 images go in a kohya `N_name` folder with N = this (an epoch = 10 x N draws; with "
                          "prior preservation, as many class images are drawn per epoch).")
+    ap.add_argument("--prior", choices=("shapes", "captions"), default="shapes",
+                    help="Class prompts of prior preservation: the world's seven shape names, or the 10 instance "
+                         "captions without the trigger word (the ring named 'circle').")
     ap.add_argument("--tag", default="", help="Suffix of the run names (for experiments in one --out).")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Passed to every `sdstack finetune` as --set (for experiments).")
@@ -249,7 +274,9 @@ def main(argv=None) -> int:
     settings = {"model": str(opts.model or "built-in"), "token": opts.token, "limit": opts.limit,
                 "seeds": opts.seeds, "threads": opts.threads, "single_limit": opts.single_limit,
                 "eval_args": _eval_args(opts, opts.limit)[4:], "set": opts.set,
-                "class_prompts": {c: CLASS_PROMPTS[c] for c in concepts}, "total_seconds":
+                "prior": opts.prior,
+                "class_prompts": {c: class_prompts(opts, c, opts.out / "data" / f"{c}-r{opts.repeats}")
+                                  for c in concepts}, "total_seconds":
                 round(time.perf_counter() - started, 1)}
     (opts.out / "proof.json").write_text(json.dumps({"settings": settings, "base": base, "runs": rows}, indent=1))
     md = (f"Fine-tune proof on {settings['model']}: token {opts.token!r}; {opts.limit} concept prompts and the "

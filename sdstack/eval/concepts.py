@@ -21,7 +21,9 @@ Caption scheme (the trigger `token`, "sks" by default, is always present; `conce
 
 Detection: `detect_concept(image, concept)` lists the objects that show the concept; `concept_score(image, concept,
 colour)` says whether one of them has the prompted colour. Rings and crescents are read by the oracle with the
-two concept templates added to its shape templates (`analyze(image, SHAPES + CONCEPT_SHAPES)`); outlines by
+two concept templates added to its shape templates (`analyze(image, SHAPES + CONCEPT_SHAPES)`); a ring also by its
+hole (`ring_hole`: a round object around a concentric hole of any size, since the template's hole is the
+renderer's half radius and a thick ring with a smaller hole fits the circle better); outlines by
 `detect_outlines` (most of an object's edge darker than both its fill and the background).
 """
 
@@ -40,8 +42,9 @@ from ..data.captions import canonical_text
 from ..data.shapes import (COLOURS, CONCEPT_SHAPES, SHAPES, SIZES, ObjectSpec, PromptSpec, Scene, _place_objects,
                            render_scene, scene_from_prompt, seeded_rng)
 from ..errors import unknown_name
-from .oracle import (MAX_SHAPE_ERROR, MIN_AREA, _background, _erode, _max_filter, analyze, foreground_threshold,
-                     label_components, nearest_colour, srgb_to_lab, summarize, to_rgb_array)
+from .oracle import (MAX_SHAPE_ERROR, MIN_AREA, DetectedObject, _background, _describe, _erode, _max_filter, analyze,
+                     classify_shape, foreground_threshold, label_components, nearest_colour, object_coverage,
+                     object_regions, srgb_to_lab, summarize, to_rgb_array)
 from .report import _atomic_write
 
 __all__ = ["CONCEPTS", "ConceptPrompt", "OutlinedObject", "concept_colours", "concept_backgrounds", "concept_caption",
@@ -53,6 +56,8 @@ OUTLINE_WIDTH = 1.5 / 64  # normalised width of the outline band (1.5 px at 64x6
 DARK_MARGIN = 10.0  # an outline pixel is this much darker (CIELAB L*) than both the fill and the background ...
 DARK_MAX = 45.0  # ... and darker than this
 BAND_SHARE = 0.6  # share of an object's edge pixels next to a dark pixel, for it to be outlined
+RING_MIN_HOLE = 0.04  # a ring's hole covers at least this share of the filled object (a hole radius of 0.2) ...
+RING_MAX_OFFSET = 0.35  # ... and its centre lies within this share of the object's radius from the object's centre
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -246,8 +251,49 @@ def detect_concept(image, concept: str) -> list:
     the `OutlinedObject`s of `detect_outlines`."""
     if _check_concept(concept) == "outline":
         return detect_outlines(image)
+    if concept == "ring":
+        return detect_rings(image)
     return [o for o in analyze(image, SHAPES + CONCEPT_SHAPES).objects
             if o.shape == concept and o.shape_error <= MAX_SHAPE_ERROR]
+
+
+def ring_hole(alpha: np.ndarray) -> bool:
+    """Whether an object's coverage window shows a ring by its hole: a round object (with what it encloses filled
+    in, the world's circle fits it best, within MAX_SHAPE_ERROR) around an enclosed hole (coverage under a half)
+    of at least RING_MIN_HOLE of its filled area, whose centre lies within RING_MAX_OFFSET of its radius from the
+    object's centre. Any concentric hole size counts, not only the RING_HOLE the renderer draws: a thick ring
+    with a small hole is still a ring, a disc with a speck or a notch is not."""
+    solid = np.pad(alpha >= 0.5, 1)
+    filled = _fill_holes(solid)
+    holes = label_components(filled & ~solid)
+    if holes.max() < 0:
+        return False
+    sizes = np.bincount(holes[holes >= 0])
+    hole = holes == int(sizes.argmax())
+    area = float(filled.sum())
+    if hole.sum() < RING_MIN_HOLE * area or hole.sum() < 2:
+        return False
+    ys, xs = np.nonzero(filled)
+    hy, hx = np.nonzero(hole)
+    offset = np.hypot(hx.mean() - xs.mean(), hy.mean() - ys.mean())
+    if offset > RING_MAX_OFFSET * np.sqrt(area / np.pi):
+        return False
+    shape, error, _ = classify_shape(np.where(filled & ~solid, 1.0, np.pad(alpha, 1))[1:-1, 1:-1], SHAPES)
+    return shape == "circle" and error <= MAX_SHAPE_ERROR
+
+
+def detect_rings(image) -> list[DetectedObject]:
+    """The oracle's objects of `image` that are rings: read as the ring template (among the world's shapes and the
+    concept shapes), or round with a concentric hole of any size (`ring_hole`)."""
+    background, rgb, bg_rgb, labels = object_regions(image)
+    if background is None:
+        return []
+    found = []
+    for k in range(labels.max() + 1):
+        obj = _describe(labels == k, background, rgb, bg_rgb, SHAPES + CONCEPT_SHAPES)
+        if obj.shape == "ring" or ring_hole(object_coverage(labels == k, background, rgb, bg_rgb)[1]):
+            found.append(obj)
+    return found
 
 
 def concept_score(image, concept: str, colour: str) -> bool:

@@ -264,10 +264,9 @@ def classify_shape(alpha: np.ndarray, shapes: tuple[str, ...] = SHAPES,
     return shape, float(errors[:, best].min()), (cx, cy, r)
 
 
-def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.ndarray,
-              shapes: tuple[str, ...] = SHAPES) -> DetectedObject:
-    """Colour, shape and geometry of one object, from its (grown) region."""
-    h, w = region.shape
+def object_coverage(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.ndarray,
+                    ) -> tuple[str, np.ndarray, int, int]:
+    """One object's colour name and its coverage window: (colour, alpha over the region's bounding box, x0, y0)."""
     ys, xs = np.nonzero(region)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     win_rgb, win = rgb[y0:y1, x0:x1], region[y0:y1, x0:x1]
@@ -275,7 +274,14 @@ def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.n
     dist = np.linalg.norm(pixels - bg_rgb, axis=-1)
     obj_rgb = np.median(pixels[dist >= np.quantile(dist, 0.75)], axis=0)
     colour = COLOURS[int(nearest_colour(srgb_to_lab(obj_rgb), exclude=background))]
-    alpha = _coverage(win_rgb, bg_rgb, obj_rgb) * win
+    return colour, _coverage(win_rgb, bg_rgb, obj_rgb) * win, int(x0), int(y0)
+
+
+def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.ndarray,
+              shapes: tuple[str, ...] = SHAPES) -> DetectedObject:
+    """Colour, shape and geometry of one object, from its (grown) region."""
+    h, w = region.shape
+    colour, alpha, x0, y0 = object_coverage(region, background, rgb, bg_rgb)
     shape, err, (cx, cy, r) = classify_shape(alpha, shapes)
     if err > MAX_SHAPE_ERROR:
         shape = "unknown"
@@ -287,17 +293,26 @@ def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.n
                           area=float(alpha.sum()) / (w * h), shape_error=err)
 
 
-def analyze(image, shapes: tuple[str, ...] = SHAPES) -> Analysis:
-    """Find the background and the objects of a shapes-world image (PIL image or HxWx3 uint8 array); each object's
-    shape is the best of `shapes` (e.g. SHAPES + CONCEPT_SHAPES to also read rings and crescents)."""
+def object_regions(image) -> tuple[str | None, np.ndarray, np.ndarray, np.ndarray]:
+    """(background colour name or None, the image as float sRGB, the background's measured sRGB, the label image
+    of the objects: -1 = background, else the object's index)."""
     rgb = to_rgb_array(image)
-    h, w = rgb.shape[:2]
     lab = srgb_to_lab(rgb)
     background, bg_rgb, noise = _background(rgb, lab)
     if background is None:
-        return Analysis(None, (), w, h)
+        return None, rgb, bg_rgb, np.full(rgb.shape[:2], -1)
     delta = np.linalg.norm(lab - srgb_to_lab(bg_rgb), axis=-1)
-    labels = _regions(rgb, lab, delta, foreground_threshold(background, noise), bg_rgb, background)
+    return background, rgb, bg_rgb, _regions(rgb, lab, delta, foreground_threshold(background, noise), bg_rgb,
+                                             background)
+
+
+def analyze(image, shapes: tuple[str, ...] = SHAPES) -> Analysis:
+    """Find the background and the objects of a shapes-world image (PIL image or HxWx3 uint8 array); each object's
+    shape is the best of `shapes` (e.g. SHAPES + CONCEPT_SHAPES to also read rings and crescents)."""
+    background, rgb, bg_rgb, labels = object_regions(image)
+    h, w = rgb.shape[:2]
+    if background is None:
+        return Analysis(None, (), w, h)
     objects = [_describe(labels == k, background, rgb, bg_rgb, shapes) for k in range(labels.max() + 1)]
     return Analysis(background, tuple(objects), w, h)
 

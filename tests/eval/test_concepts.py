@@ -196,6 +196,45 @@ def test_independent_drawings_are_detected():
     assert all(o.shape in SHAPES + ("unknown",) for o in analyze(image).objects)
 
 
+def _drawn(draw, background="white"):
+    """A 64x64 image drawn at 4x with plain Pillow by `draw(ImageDraw)` and box-downsampled."""
+    big = Image.new("RGB", (256, 256), PALETTE[background])
+    draw(ImageDraw.Draw(big))
+    return big.resize((64, 64), Image.Resampling.BOX)
+
+
+def _disc_with_hole(hole, dx=0.0, outer=72, colour="blue", shape="ellipse"):
+    """A disc (or square) of radius `outer` (4x pixels) at the centre, with a background hole of `hole` times its
+    radius, offset `dx` radii to the right."""
+    def draw(d):
+        c = 128
+        getattr(d, shape)((c - outer, c - outer, c + outer, c + outer), fill=PALETTE[colour])
+        if hole:
+            hx, r = c + dx * outer, hole * outer
+            d.ellipse((hx - r, c - r, hx + r, c + r), fill=PALETTE["white"])
+    return _drawn(draw)
+
+
+@pytest.mark.parametrize("hole", [0.25, 0.35, 0.5, 0.7])
+def test_a_ring_with_any_concentric_hole_is_a_ring(hole):
+    """The renderer's rings have a hole of half the radius; thicker or thinner rings still show the concept."""
+    assert [o.colour for o in detect_concept(_disc_with_hole(hole), "ring")] == ["blue"]
+    small = _disc_with_hole(hole, outer=36, colour="red")  # a small ring: 9 px radius at 64x64
+    assert [o.colour for o in detect_concept(small, "ring")] == ["red"]
+
+
+@pytest.mark.parametrize("case", ["off-centre hole", "square with a hole", "speck", "notch", "plain disc"])
+def test_holes_that_do_not_make_a_ring(case):
+    image = {"off-centre hole": lambda: _disc_with_hole(0.3, dx=0.5),
+             "square with a hole": lambda: _disc_with_hole(0.4, shape="rectangle"),
+             "speck": lambda: _disc_with_hole(0.1),  # a hole of 1.8 px radius: 1% of the disc
+             "notch": lambda: _drawn(lambda d: (d.ellipse((56, 56, 200, 200), fill=PALETTE["blue"]),
+                                                d.rectangle((128, 110, 200, 146), fill=PALETTE["white"]))),
+             "plain disc": lambda: _disc_with_hole(0.0)}[case]()
+    assert detect_concept(image, "ring") == []
+    assert [o.colour for o in analyze(image).objects] == ["blue"]  # the object itself is still found
+
+
 # ------------------------------------------------------------------------------------------------ data, prompts, eval
 
 @pytest.mark.parametrize("concept", CONCEPTS)
