@@ -213,6 +213,8 @@ def _finetune_command(method: str, doc: str):
         from .finetune import finetune
 
         cfg = finetune_config(method, config_path, resume, out, flags, sets)
+        for line in cfg.ignored_settings():
+            click.echo(line, err=True)
         _report(finetune(cfg, resume=resume, stop_at=stop_at))
 
     return command

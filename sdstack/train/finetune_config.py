@@ -176,6 +176,14 @@ class FinetuneConfig:
                 raise UserError("config: dreambooth.class_prompt is required for prior preservation "
                                 "(num_class_images > 0)", field="dreambooth.class_prompt")
 
+    def ignored_settings(self) -> list[str]:
+        """One line per setting the chosen method does not use (printed as a warning before training)."""
+        if self.method not in PRIOR_METHODS and self.dreambooth.num_class_images > 0:
+            return [f"warning: {self.method.replace('_', ' ')} takes no prior preservation (its vectors never see a "
+                    f"caption without the word); dreambooth.num_class_images = {self.dreambooth.num_class_images} "
+                    "and the class prompts are ignored"]
+        return []
+
     @property
     def prior_preservation(self) -> bool:
         return self.method in PRIOR_METHODS and self.dreambooth.num_class_images > 0

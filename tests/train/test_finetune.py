@@ -286,6 +286,10 @@ def test_lora_takes_prior_preservation_from_several_class_prompts_in_turn(base, 
     # textual inversion takes no prior: its vectors never see a caption without the word
     ti = _cfg(base, tmp_path, "textual_inversion", token="zwq", class_prompt="a circle", num_class_images=3)
     assert not ti.prior_preservation
+    (warning,) = ti.ignored_settings()
+    assert "textual inversion takes no prior preservation" in warning and "num_class_images = 3" in warning
+    assert cfg.ignored_settings() == []
+    assert _cfg(base, tmp_path, "textual_inversion", token="zwq").ignored_settings() == []
 
 
 # ---------------------------------------------------------------------------------------------- data, errors, CLI
@@ -362,6 +366,17 @@ def test_cli_trains_a_lora_with_flags(base, tmp_path, capsys):
     from sdstack.models.lora import read_lora
 
     assert read_lora(tmp_path / "run" / "run.safetensors").metadata["ss_network_dim"] == "2"
+
+
+def test_cli_warns_that_textual_inversion_ignores_class_images(base, tmp_path, capsys):
+    code = _cli("finetune", "textual-inversion", "--model", base / "model", "--data", base / "data-ti", "--steps",
+                "1", "--resolution", "32", "--token", "zring", "--class-prompt", "a circle", "--num-class-images", "2",
+                "--out", tmp_path / "ti", "--set", "run.threads=1", "--set", "run.progress=false",
+                "--set", "run.mixed_precision='no'")
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.count("takes no prior preservation") == 1 and "num_class_images = 2" in err
+    assert not (tmp_path / "ti" / "class_images").exists()  # nothing was drawn for it
 
 
 @pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
