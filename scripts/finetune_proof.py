@@ -58,6 +58,7 @@ TOKEN = "zwx"  # tokenizes to 'z' + 'wx</w>': not a CLIP word, and no word of th
 WORLD_CLASS = ("a circle", "a square", "a triangle", "a star", "a hexagon", "a heart", "a cross")
 CLASS_PROMPTS = {"ring": WORLD_CLASS, "outline": WORLD_CLASS}
 INIT_WORDS = {"ring": "circle", "outline": "*"}  # textual inversion: the new word's vectors start from this word
+PRIOR_WORLD_SEED = 7  # --prior mixed: world captions from this seed (the eval suites are fixed prompt lists)
 REPEATS = 1  # kohya repeats of the 10 images (--repeats)
 CONCEPT_GOAL = 0.80
 RETENTION_GOAL = 0.95
@@ -123,7 +124,13 @@ def class_prompts(opts, concept: str, data: Path) -> list[str]:
     if opts.prior == "shapes":
         return list(CLASS_PROMPTS[concept])
     captions = sorted(data.glob("*/*.txt"))
-    return [caption_class_prompt(p.read_text(encoding="utf-8").strip(), concept, opts.token) for p in captions]
+    prompts = [caption_class_prompt(p.read_text(encoding="utf-8").strip(), concept, opts.token) for p in captions]
+    if opts.prior == "mixed":
+        from sdstack.data.shapes import ShapesWorld
+
+        world = ShapesWorld(64, seed=PRIOR_WORLD_SEED, split="train")
+        prompts += [world.spec(i)[0].text for i in range(opts.prior_world)]
+    return prompts
 
 
 def train(opts, method: str, concept: str, data: Path) -> dict:
@@ -139,8 +146,11 @@ def train(opts, method: str, concept: str, data: Path) -> dict:
     from sdstack.train.finetune_config import PRIOR_METHODS  # they take class images when their config asks
 
     if method in PRIOR_METHODS:
-        for prompt in class_prompts(opts, concept, data):
+        prompts = class_prompts(opts, concept, data)
+        for prompt in prompts:
             args += ["--class-prompt", prompt]
+        if opts.prior != "shapes":  # one class image per prompt
+            args += ["--num-class-images", str(len(prompts))]
     for item in opts.set:
         args += ["--set", item]
     output, seconds = _sdstack(args, opts.out / "logs" / f"train-{name}.log", opts.threads)
@@ -182,7 +192,7 @@ def eval_single(opts, name: str, method: str | None = None, result: str | None =
     return row
 
 
-def eval_concept(opts, name: str, concept: str, method: str, result: str) -> dict:
+def eval_concept(opts, name: str, concept: str, method: str | None, result: str | None) -> dict:
     """The concept's prompts with the token: the share of images that show the concept in the prompted colour."""
     out_dir = opts.out / "eval" / name
     args = ["eval", "--concept", concept, "--token", opts.token, "--out", str(out_dir),
@@ -226,9 +236,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=REPEATS,
                     help="The 10 images go in a kohya `N_name` folder with N = this (an epoch = 10 x N draws; with "
                          "prior preservation, as many class images are drawn per epoch).")
-    ap.add_argument("--prior", choices=("shapes", "captions"), default="shapes",
-                    help="Class prompts of prior preservation: the world's seven shape names, or the 10 instance "
-                         "captions without the trigger word (the ring named 'circle').")
+    ap.add_argument("--prior", choices=("shapes", "captions", "mixed"), default="shapes",
+                    help="Class prompts of prior preservation: the world's seven shape names; the 10 instance "
+                         "captions without the trigger word (the ring named 'circle'); or those plus --prior-world "
+                         "captions of the shapes world (train split). With captions or mixed, one class image per "
+                         "prompt.")
+    ap.add_argument("--prior-world", type=int, default=40, help="World captions in a mixed prior.")
     ap.add_argument("--tag", default="", help="Suffix of the run names (for experiments in one --out).")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Passed to every `sdstack finetune` as --set (for experiments).")
@@ -252,8 +265,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         base = eval_single(opts, "base")
-        rows = []
+        rows, base_concept = [], {}
         for concept in concepts:
+            # the base model on the concept prompts: how often it (or the oracle) shows the concept untaught
+            base_concept[concept] = eval_concept(opts, f"base-{concept}", concept, None, None)["concept_share"]
             data = opts.out / "data" / f"{concept}-r{opts.repeats}"
             concept_dataset(concept, data / f"{opts.repeats}_{opts.token}", n=10, token=opts.token)
             for method in methods:
@@ -278,10 +293,13 @@ def main(argv=None) -> int:
                 "class_prompts": {c: class_prompts(opts, c, opts.out / "data" / f"{c}-r{opts.repeats}")
                                   for c in concepts}, "total_seconds":
                 round(time.perf_counter() - started, 1)}
-    (opts.out / "proof.json").write_text(json.dumps({"settings": settings, "base": base, "runs": rows}, indent=1))
+    (opts.out / "proof.json").write_text(json.dumps({"settings": settings, "base": base,
+                                                     "base_concept_share": base_concept, "runs": rows}, indent=1))
     md = (f"Fine-tune proof on {settings['model']}: token {opts.token!r}; {opts.limit} concept prompts and the "
           f"first {opts.single_limit} single prompts, {opts.seeds} seed(s) each; {opts.threads} thread(s); total "
-          f"{settings['total_seconds'] / 60:.1f} min.\n\n{text}\n")
+          f"{settings['total_seconds'] / 60:.1f} min. The base model, untaught, shows the concept in the prompted "
+          f"colour in {', '.join(f'{_pct(v)} ({c})' for c, v in base_concept.items())} of the concept prompts."
+          f"\n\n{text}\n")
     (opts.out / "proof.md").write_text(md)
     print(md)
     return 0

@@ -56,6 +56,7 @@ OUTLINE_WIDTH = 1.5 / 64  # normalised width of the outline band (1.5 px at 64x6
 DARK_MARGIN = 10.0  # an outline pixel is this much darker (CIELAB L*) than both the fill and the background ...
 DARK_MAX = 45.0  # ... and darker than this
 BAND_SHARE = 0.6  # share of an object's edge pixels next to a dark pixel, for it to be outlined
+RING_SOLID = (0.5, 0.35)  # coverage levels that count as the ring itself when looking for its hole
 RING_MIN_HOLE = 0.04  # a ring's hole covers at least this share of the filled object (a hole radius of 0.2) ...
 RING_MAX_OFFSET = 0.35  # ... and its centre lies within this share of the object's radius from the object's centre
 
@@ -259,11 +260,16 @@ def detect_concept(image, concept: str) -> list:
 
 def ring_hole(alpha: np.ndarray) -> bool:
     """Whether an object's coverage window shows a ring by its hole: a round object (with what it encloses filled
-    in, the world's circle fits it best, within MAX_SHAPE_ERROR) around an enclosed hole (coverage under a half)
-    of at least RING_MIN_HOLE of its filled area, whose centre lies within RING_MAX_OFFSET of its radius from the
-    object's centre. Any concentric hole size counts, not only the RING_HOLE the renderer draws: a thick ring
-    with a small hole is still a ring, a disc with a speck or a notch is not."""
-    solid = np.pad(alpha >= 0.5, 1)
+    in, the world's circle fits it best, within MAX_SHAPE_ERROR) around an enclosed hole of at least RING_MIN_HOLE
+    of its filled area, whose centre lies within RING_MAX_OFFSET of its radius from the object's centre. The ring
+    is its pixels of coverage at least one of RING_SOLID (the higher finds a hole a soft blur half fills, the lower
+    closes a ring with one faint side). Any concentric hole size counts, not only the RING_HOLE the renderer
+    draws: a thick ring with a small hole is still a ring, a disc with a speck or a notch is not."""
+    return any(_ring_at(alpha, level) for level in RING_SOLID)
+
+
+def _ring_at(alpha: np.ndarray, level: float) -> bool:
+    solid = np.pad(alpha >= level, 1)
     filled = _fill_holes(solid)
     holes = label_components(filled & ~solid)
     if holes.max() < 0:
