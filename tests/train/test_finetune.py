@@ -61,7 +61,10 @@ def _unet_out(unet, seed=0):
 # ---------------------------------------------------------------------------------------------- LoRA
 
 
-def test_lora_file_loads_in_diffusers_and_in_prompt_syntax_with_the_trained_result(base, tmp_path):
+@pytest.mark.parametrize("convs", [False, True], ids=["attention", "with-resnet-convs"])
+def test_lora_file_loads_in_diffusers_and_in_prompt_syntax_with_the_trained_result(base, tmp_path, convs):
+    """kohya's default targets (the transformer blocks), and the same plus the ResNet 3x3 convolutions (kohya's
+    LoCon / conv_dim, which A1111 and ComfyUI read)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from safetensors import safe_open
 
@@ -71,7 +74,10 @@ def test_lora_file_loads_in_diffusers_and_in_prompt_syntax_with_the_trained_resu
     from sdstack.train.finetune import FinetuneTask
     from sdstack.train.loop import train
 
-    cfg = _cfg(base, tmp_path, "lora", "optim.lr=0.2", "lora.rank=4", "lora.alpha=4.0", output_name="ring_style")
+    targets = ('lora.unet_targets=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", '
+               '"ff.net.2", "conv1", "conv2"]',) if convs else ()
+    cfg = _cfg(base, tmp_path, "lora", "optim.lr=0.2", "lora.rank=4", "lora.alpha=4.0", *targets,
+               output_name="ring_style")
     task = FinetuneTask(cfg)
     result = train(cfg, task)
     path = Path(result["model"])
@@ -79,6 +85,12 @@ def test_lora_file_loads_in_diffusers_and_in_prompt_syntax_with_the_trained_resu
     with safe_open(str(path), framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    conv_key = "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"
+    assert (conv_key in keys) == convs
+    if convs:
+        with safe_open(str(path), framework="pt") as f:
+            assert f.get_tensor(conv_key).shape[1:] == (task.bundle.unet.down_blocks[0].resnets[0].conv1
+                                                        .base_layer.in_channels, 3, 3)
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0" and meta["ss_output_name"] == \
         "ring_style"
     assert json.loads(meta["ss_dataset_dirs"]) == {"data": {"n_repeats": 1, "img_count": 6}}
