@@ -26,11 +26,18 @@ full):
    Goals: concept share >= 80%, retention (single score / base score) >= 95%.
 
 Prior preservation (DreamBooth's, and kohya's regularisation images for LoRA and full fine-tuning, where a
-recipe sets `dreambooth.num_class_images`) uses class images the base model draws from the class prompts
-(CLASS_PROMPTS): the world's seven shapes without a colour ("a circle", "a square", ...), taken in turn, for both
-concepts. They anchor the look of ordinary one-object prompts (as in the `single` suite), which a few images of one
-new shape or style otherwise pull towards themselves. kohya balancing draws as many class images per epoch as
+recipe sets `dreambooth.num_class_images`) uses class images the base model draws from class prompts (`--prior`):
+  shapes    the world's seven shapes without a colour ("a circle", "a square", ...), taken in turn;
+  captions  the 10 instance captions without the trigger ("a red zwx ring on a white background" -> "a red circle
+            on a white background", "a blue star, zwx style" -> "a blue star"): DreamBooth's "a [class noun]"
+            pairs, so that the only difference the token must explain is the concept;
+  mixed     those 10 plus --prior-world (40) captions of the shapes world's train split (seed PRIOR_WORLD_SEED),
+            which anchor the look of ordinary prompts (the `single` suite's colours, shapes and backgrounds), that
+            a few images of one new shape or style otherwise pull towards themselves.
+With captions or mixed, one class image per prompt. kohya balancing draws as many class images per epoch as
 instance images, so `--repeats N` (the 10 images in an `N_TOKEN` folder) lets 10 x N class images take part.
+The base model's share on the concept prompts (untaught: the oracle's false positives plus chance) is measured
+too and printed above the table.
 
 Writes OUT/proof.md (the table) and OUT/proof.json (every number, the commands and settings); prints the table.
 Exit status 0 even when a goal is missed (the table says which); 1 if a run fails.
@@ -59,7 +66,7 @@ WORLD_CLASS = ("a circle", "a square", "a triangle", "a star", "a hexagon", "a h
 CLASS_PROMPTS = {"ring": WORLD_CLASS, "outline": WORLD_CLASS}
 INIT_WORDS = {"ring": "circle", "outline": "*"}  # textual inversion: the new word's vectors start from this word
 PRIOR_WORLD_SEED = 7  # --prior mixed: world captions from this seed (the eval suites are fixed prompt lists)
-REPEATS = 1  # kohya repeats of the 10 images (--repeats)
+REPEATS = 5  # kohya repeats of the 10 images (--repeats)
 CONCEPT_GOAL = 0.80
 RETENTION_GOAL = 0.95
 IMAGES_PER_SECOND = re.compile(r"last loss [-+0-9.einf]+, ([0-9.]+) images/s")
@@ -197,10 +204,18 @@ def eval_concept(opts, name: str, concept: str, method: str | None, result: str 
     out_dir = opts.out / "eval" / name
     args = ["eval", "--concept", concept, "--token", opts.token, "--out", str(out_dir),
             *_eval_args(opts, opts.limit), *_result_args(opts, method, result)]
+    command = "sdstack " + shlex.join(args)
+    saved = out_dir / "row.json"
+    if method is None and saved.is_file() and json.loads(saved.read_text()).get("concept_command") == command:
+        print(f"base model's {concept} share from {out_dir} (same command)", flush=True)
+        return json.loads(saved.read_text())
     _, seconds = _sdstack(args, opts.out / "logs" / f"eval-concept-{name}.log", opts.threads)
     found = _summary(out_dir, f"concept-{concept}")
-    return {"concept_share": found["accuracy"], "concept_any_colour": found["claims"]["concept"],
-            "concept_seconds": round(seconds, 1), "concept_command": "sdstack " + shlex.join(args)}
+    row = {"concept_share": found["accuracy"], "concept_any_colour": found["claims"]["concept"],
+           "concept_seconds": round(seconds, 1), "concept_command": command}
+    if method is None:
+        saved.write_text(json.dumps(row))
+    return row
 
 
 def _pct(x) -> str:
@@ -236,7 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=REPEATS,
                     help="The 10 images go in a kohya `N_name` folder with N = this (an epoch = 10 x N draws; with "
                          "prior preservation, as many class images are drawn per epoch).")
-    ap.add_argument("--prior", choices=("shapes", "captions", "mixed"), default="shapes",
+    ap.add_argument("--prior", choices=("shapes", "captions", "mixed"), default="mixed",
                     help="Class prompts of prior preservation: the world's seven shape names; the 10 instance "
                          "captions without the trigger word (the ring named 'circle'); or those plus --prior-world "
                          "captions of the shapes world (train split). With captions or mixed, one class image per "
