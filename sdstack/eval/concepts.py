@@ -296,8 +296,9 @@ def detect_rings(image) -> list[DetectedObject]:
         return []
     found = []
     for k in range(labels.max() + 1):
-        obj = _describe(labels == k, background, rgb, bg_rgb, SHAPES + CONCEPT_SHAPES)
-        if obj.shape == "ring" or ring_hole(object_coverage(labels == k, background, rgb, bg_rgb)[1]):
+        coverage = object_coverage(labels == k, background, rgb, bg_rgb)
+        obj = _describe(coverage, labels.shape, SHAPES + CONCEPT_SHAPES)
+        if obj.shape == "ring" or ring_hole(coverage[1]):
             found.append(obj)
     return found
 

@@ -277,11 +277,11 @@ def object_coverage(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb
     return colour, _coverage(win_rgb, bg_rgb, obj_rgb) * win, int(x0), int(y0)
 
 
-def _describe(region: np.ndarray, background: str, rgb: np.ndarray, bg_rgb: np.ndarray,
+def _describe(coverage: tuple[str, np.ndarray, int, int], size: tuple[int, int],
               shapes: tuple[str, ...] = SHAPES) -> DetectedObject:
-    """Colour, shape and geometry of one object, from its (grown) region."""
-    h, w = region.shape
-    colour, alpha, x0, y0 = object_coverage(region, background, rgb, bg_rgb)
+    """Colour, shape and geometry of one object, from its `object_coverage` in an image of `size` (h, w)."""
+    h, w = size
+    colour, alpha, x0, y0 = coverage
     shape, err, (cx, cy, r) = classify_shape(alpha, shapes)
     if err > MAX_SHAPE_ERROR:
         shape = "unknown"
@@ -313,7 +313,8 @@ def analyze(image, shapes: tuple[str, ...] = SHAPES) -> Analysis:
     h, w = rgb.shape[:2]
     if background is None:
         return Analysis(None, (), w, h)
-    objects = [_describe(labels == k, background, rgb, bg_rgb, shapes) for k in range(labels.max() + 1)]
+    objects = [_describe(object_coverage(labels == k, background, rgb, bg_rgb), labels.shape, shapes)
+               for k in range(labels.max() + 1)]
     return Analysis(background, tuple(objects), w, h)
 
 

@@ -177,16 +177,23 @@ def test_noise_is_not_the_concept(concept):
     assert sum(bool(detect_concept(im, concept)) for im in noise + blobs) <= 1
 
 
+def _drawn(draw, background="white"):
+    """A 64x64 image drawn at 4x with plain Pillow by `draw(ImageDraw)` and box-downsampled."""
+    big = Image.new("RGB", (256, 256), PALETTE[background])
+    draw(ImageDraw.Draw(big))
+    return big.resize((64, 64), Image.Resampling.BOX)
+
+
 def test_independent_drawings_are_detected():
     """Drawn here with plain Pillow: a ring, a crescent moon and an outlined disc (4x, box-downsampled)."""
-    big = Image.new("RGB", (256, 256), PALETTE["white"])
-    d = ImageDraw.Draw(big)
-    d.ellipse((20, 20, 110, 110), fill=PALETTE["blue"])
-    d.ellipse((43, 43, 87, 87), fill=PALETTE["white"])
-    d.ellipse((150, 30, 230, 110), fill=PALETTE["red"])
-    d.ellipse((170, 36, 238, 104), fill=PALETTE["white"])
-    d.ellipse((60, 150, 150, 240), fill=PALETTE["green"], outline=PALETTE["black"], width=7)
-    image = big.resize((64, 64), Image.Resampling.BOX)
+    def draw(d):
+        d.ellipse((20, 20, 110, 110), fill=PALETTE["blue"])
+        d.ellipse((43, 43, 87, 87), fill=PALETTE["white"])
+        d.ellipse((150, 30, 230, 110), fill=PALETTE["red"])
+        d.ellipse((170, 36, 238, 104), fill=PALETTE["white"])
+        d.ellipse((60, 150, 150, 240), fill=PALETTE["green"], outline=PALETTE["black"], width=7)
+
+    image = _drawn(draw)
     assert [o.colour for o in detect_concept(image, "ring")] == ["blue"]
     assert [o.colour for o in detect_concept(image, "crescent")] == ["red"]
     outlined = detect_concept(image, "outline")
@@ -194,13 +201,6 @@ def test_independent_drawings_are_detected():
     assert outlined[0].center == pytest.approx((105 / 256, 195 / 256), abs=0.02)
     # the ordinary oracle is unchanged: it still only names the world's shapes
     assert all(o.shape in SHAPES + ("unknown",) for o in analyze(image).objects)
-
-
-def _drawn(draw, background="white"):
-    """A 64x64 image drawn at 4x with plain Pillow by `draw(ImageDraw)` and box-downsampled."""
-    big = Image.new("RGB", (256, 256), PALETTE[background])
-    draw(ImageDraw.Draw(big))
-    return big.resize((64, 64), Image.Resampling.BOX)
 
 
 def _disc_with_hole(hole, dx=0.0, outer=72, colour="blue", shape="ellipse"):
