@@ -185,16 +185,19 @@ def check_resolution(resolution: int) -> int:
     return resolution
 
 
-def render_scene(scene: Scene, resolution: int = 64, outline: float = 0.0) -> Image.Image:
+def render_scene(scene: Scene, resolution: int = 64, outline: float = 0.0,
+                 outline_colour: str | tuple[str, ...] = "black") -> Image.Image:
     """Draw `scene` as an RGB image, antialiased by drawing SUPERSAMPLE times larger and box-downsampling.
 
-    `outline` > 0 (normalised width; the world never uses it) draws a black band that wide inside each object's edge.
+    `outline` > 0 (normalised width; the world's captions never use it) draws a band that wide inside each object's
+    edge, in `outline_colour` (a palette name, or one per object).
     """
     check_resolution(resolution)
     big = resolution * SUPERSAMPLE
     image = Image.new("RGB", (big, big), PALETTE[scene.background])
     draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
+    bands = (outline_colour,) * len(scene.objects) if isinstance(outline_colour, str) else outline_colour
+    for obj, band in zip(scene.objects, bands):
         pts = shape_polygon(obj.shape) * obj.radius + np.asarray(obj.center)
         pts = pts * big - 0.5  # pixel centres sit at half-integers
         polygon = [tuple(p) for p in pts.tolist()]
@@ -203,7 +206,7 @@ def render_scene(scene: Scene, resolution: int = 64, outline: float = 0.0) -> Im
             continue
         mask = Image.new("L", (big, big), 0)
         ImageDraw.Draw(mask).polygon(polygon, fill=255)
-        image.paste(PALETTE["black"], mask=mask)
+        image.paste(PALETTE[band], mask=mask)
         image.paste(PALETTE[obj.colour], mask=mask.filter(ImageFilter.MinFilter(2 * round(outline * big) + 1)))
     return image.resize((resolution, resolution), Image.Resampling.BOX)
 
@@ -356,13 +359,20 @@ def seeded_rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
+DETAIL_WIDTHS = (1.0, 3.0)  # the band widths (pixels at 64x64) of ShapesWorld's detail images
+
+
 class ShapesWorld:
     """An endless, indexable dataset of (image, caption, scene); `sample(i)` depends only on (seed, split, i) and
     the kind weights (how often each KIND_WEIGHTS kind of caption is drawn; the default is KIND_WEIGHTS)."""
 
     def __init__(self, resolution: int = 64, seed: int = 0, split: str = "train",
-                 kind_weights: tuple[float, ...] | None = None):
+                 kind_weights: tuple[float, ...] | None = None, detail_share: float = 0.0,
+                 detail_widths: tuple[float, float] = DETAIL_WIDTHS):
         self.resolution = check_resolution(resolution)
+        if not 0.0 <= detail_share <= 1.0:
+            raise UserError(f"detail_share must lie in [0, 1], got {detail_share}", field="detail_share")
+        self.detail_share, self.detail_widths = detail_share, tuple(detail_widths)
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}", field="split")
         self.seed, self.split = seed, split
@@ -377,7 +387,20 @@ class ShapesWorld:
 
     def sample(self, index: int) -> tuple[Image.Image, str, Scene]:
         spec, scene = self.spec(index)
+        if self.detail_share > 0:
+            rng = seeded_rng(self.seed, self.split, index, "detail")
+            if rng.random() < self.detail_share:
+                return self._detailed(scene, rng), spec.text, scene
         return render_scene(scene, self.resolution), spec.text, scene
+
+    def _detailed(self, scene: Scene, rng: random.Random) -> Image.Image:
+        """Codec training only (the caption does not mention it): every object with a band inside its edge, of a
+        random width in `detail_widths` (pixels at 64x64) and a random palette colour other than the object's and
+        the background's, so that a decoder learns thin lines between colours."""
+        width = rng.uniform(*self.detail_widths) / 64
+        bands = tuple(rng.choice([c for c in PALETTE if c not in (o.colour, scene.background)])
+                      for o in scene.objects)
+        return render_scene(scene, self.resolution, outline=width, outline_colour=bands)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str, Scene]:
         return self.sample(index)

@@ -13,19 +13,24 @@ import torch
 from ..prompts.conditioning import Cond
 from ..sampling.denoisers import make_denoiser
 from ..sampling.registry import effective_rescale_cfg
+from .fastunet import unet_runner
 
 
 def unet_model_fn(bundle):
-    """model_fn(x_in, t, context=..., pooled=..., time_ids=...) -> raw UNet output (eps or v)."""
-    unet = bundle.unet
+    """model_fn(x_in, t, context=..., pooled=..., time_ids=...) -> raw UNet output (eps or v).
+
+    The call goes through the bundle's `UNetRunner` (engine.fastunet): small UNets on a CPU run a traced lean
+    forward, the same arithmetic as the model's own; everything else runs the model's forward."""
+    runner = unet_runner(bundle)
+    runner.refresh()
+    dtype = next(bundle.unet.parameters()).dtype
 
     def model_fn(x, t, *, context, pooled=None, time_ids=None):
-        dtype = next(unet.parameters()).dtype
         added = None
         if pooled is not None:
             added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
-        out = unet(x.to(dtype), t.to(dtype), encoder_hidden_states=context.to(dtype), added_cond_kwargs=added)
-        return out.sample.to(x.dtype)
+        out = runner(x.to(dtype), t.to(dtype), context.to(dtype), added)
+        return out.to(x.dtype)
 
     return model_fn
 

@@ -23,7 +23,8 @@ class TrainingImages:
             from ..data.shapes import ShapesWorld
 
             self.source = ShapesWorld(resolution=cfg.resolution, seed=cfg.world_seed, split=cfg.split,
-                                      kind_weights=cfg.kind_weights or None)
+                                      kind_weights=cfg.kind_weights or None, detail_share=cfg.detail_share,
+                                      detail_widths=cfg.detail_widths)
             self.size = None
             self.summary = {"source": "shapes world", "split": cfg.split}
         else:

@@ -1,0 +1,426 @@
+"""A lean inference forward for diffusers' `UNet2DConditionModel` (SD 1.x / 2.x / SDXL layouts), exact to it.
+
+Small models are bound by per-operation overhead, not arithmetic: the built-in shapes-v1 UNet (6 M parameters,
+16x16 latents) spends most of a step in Python module calls and in the fixed cost of each small kernel. This
+forward runs the same arithmetic through fewer, larger operations:
+  - one matmul for the self-attention's q, k and v (their weights concatenated), one for the cross-attention's k
+    and v;
+  - one matmul for the time-embedding projections of every resnet (concatenated), once per call;
+  - the transformers' 1x1 `proj_in` / `proj_out` convolutions as matmuls on the (batch, pixels, channels) view;
+  - no module dispatch, hooks, deprecation checks or dropout in the hot path.
+Weights stay the model's own tensors (LoRA merges, optimizer steps and dtype casts are seen at once); the few
+concatenated copies are rebuilt when any source tensor changes (its version counter, storage or dtype).
+
+`FastUNet.build(unet)` returns None where the model holds anything this forward does not reproduce exactly (other
+block or attention-processor classes, adapters wrapped around layers, forward hooks, attention masks, ...): the
+caller then uses the model's own forward. Tests compare both on SD 1.x, 2.x and SDXL layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_DOWN = {"CrossAttnDownBlock2D", "DownBlock2D"}
+_UP = {"CrossAttnUpBlock2D", "UpBlock2D"}
+_MID = {"UNetMidBlock2DCrossAttn"}
+_PROCESSORS = {"AttnProcessor2_0", "AttnProcessor"}
+
+
+def _plain(module, cls) -> bool:
+    return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+
+
+class _Fused:
+    """Concatenations of several weight tensors, rebuilt when any source changes."""
+
+    def __init__(self, parts: list[torch.Tensor | None]):
+        self.parts = parts
+        self.key = None
+        self.value = None
+
+    def get(self) -> torch.Tensor | None:
+        if self.parts[0] is None:
+            return None
+        key = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parts)
+        if key != self.key:
+            self.value = torch.cat([p.detach() for p in self.parts], dim=0)
+            self.key = key
+        return self.value
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)
+
+
+class _Resnet:
+    def __init__(self, block, temb_slice: slice | None):
+        self.b = block
+        self.temb_slice = temb_slice
+
+    @staticmethod
+    def supported(block) -> bool:
+        from diffusers.models.resnet import ResnetBlock2D
+
+        return (_plain(block, ResnetBlock2D) and block.upsample is None and block.downsample is None
+                and block.time_embedding_norm == "default" and not block.skip_time_act
+                and isinstance(block.nonlinearity, torch.nn.SiLU) and block.time_emb_proj is not None
+                and all(_plain(m, torch.nn.Conv2d) for m in (block.conv1, block.conv2))
+                and (block.conv_shortcut is None or _plain(block.conv_shortcut, torch.nn.Conv2d))
+                and _plain(block.time_emb_proj, torch.nn.Linear))
+
+    def __call__(self, x: torch.Tensor, temb_all: torch.Tensor) -> torch.Tensor:
+        b = self.b
+        h = F.silu(F.group_norm(x, b.norm1.num_groups, b.norm1.weight, b.norm1.bias, b.norm1.eps))
+        h = b.conv1(h)
+        h = h + temb_all[:, self.temb_slice, None, None]
+        h = F.silu(F.group_norm(h, b.norm2.num_groups, b.norm2.weight, b.norm2.bias, b.norm2.eps))
+        h = b.conv2(h)
+        if b.conv_shortcut is not None:
+            x = b.conv_shortcut(x)
+        out = x + h
+        if b.output_scale_factor != 1.0:
+            out = out / b.output_scale_factor
+        return out
+
+
+class _Attention:
+    def __init__(self, attn, self_attention: bool):
+        self.a = attn
+        self.heads = attn.heads
+        if self_attention:
+            self.qkv = _Fused([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+        else:
+            self.kv = _Fused([attn.to_k.weight, attn.to_v.weight])
+        self.self_attention = self_attention
+
+    @staticmethod
+    def supported(attn) -> bool:
+        from diffusers.models.attention_processor import Attention
+
+        return (_plain(attn, Attention) and type(attn.processor).__name__ in _PROCESSORS
+                and attn.to_q.bias is None and attn.to_k.bias is None and attn.to_v.bias is None
+                and all(_plain(m, torch.nn.Linear) for m in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]))
+                and attn.spatial_norm is None and attn.group_norm is None and attn.norm_cross is None
+                and getattr(attn, "norm_q", None) is None and getattr(attn, "norm_k", None) is None
+                and not attn.residual_connection and attn.rescale_output_factor == 1.0 and attn.scale_qk
+                and not attn.upcast_attention and not attn.upcast_softmax
+                and abs(attn.scale - (attn.to_q.out_features // attn.heads) ** -0.5) < 1e-12)
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        a = self.a
+        b, n, _ = x.shape
+        if self.self_attention:
+            q, k, v = F.linear(x, self.qkv.get()).chunk(3, dim=-1)
+        else:
+            q = F.linear(x, a.to_q.weight)
+            k, v = F.linear(context, self.kv.get()).chunk(2, dim=-1)
+        d = q.shape[-1] // self.heads
+        q = q.view(b, -1, self.heads, d).transpose(1, 2)
+        k = k.reshape(b, -1, self.heads, d).transpose(1, 2)
+        v = v.reshape(b, -1, self.heads, d).transpose(1, 2)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(1, 2).reshape(b, n, self.heads * d)
+        return F.linear(h, a.to_out[0].weight, a.to_out[0].bias)
+
+
+class _Transformer:
+    """Transformer2DModel on continuous inputs: GroupNorm, proj_in, BasicTransformerBlocks, proj_out, residual."""
+
+    def __init__(self, model):
+        self.m = model
+        self.blocks = [(blk, _Attention(blk.attn1, True), _Attention(blk.attn2, False) if blk.attn2 else None)
+                       for blk in model.transformer_blocks]
+
+    @staticmethod
+    def supported(model) -> bool:
+        from diffusers.models.attention import BasicTransformerBlock, FeedForward, GELU, GEGLU
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        if not (_plain(model, Transformer2DModel) and model.is_input_continuous and model.norm is not None):
+            return False
+        proj = torch.nn.Linear if model.use_linear_projection else torch.nn.Conv2d
+        if not (_plain(model.proj_in, proj) and _plain(model.proj_out, proj)):
+            return False
+        if not model.use_linear_projection and (model.proj_in.kernel_size != (1, 1)
+                                                or model.proj_out.kernel_size != (1, 1)):
+            return False
+        for blk in model.transformer_blocks:
+            if not (_plain(blk, BasicTransformerBlock) and blk.norm_type == "layer_norm" and blk.pos_embed is None
+                    and not blk.only_cross_attention and blk._chunk_size is None
+                    and getattr(blk, "fuser", None) is None):
+                return False
+            if not _Attention.supported(blk.attn1) or (blk.attn2 is not None and not _Attention.supported(blk.attn2)):
+                return False
+            ff = blk.ff
+            if not (_plain(ff, FeedForward) and len(ff.net) in (3, 4)):
+                return False
+            act, out = ff.net[0], ff.net[2]
+            if not (type(act) in (GEGLU, GELU) and _plain(act.proj, torch.nn.Linear) and _plain(out, torch.nn.Linear)):
+                return False
+            if type(act) is GELU and act.approximate != "none":
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        b, c, hgt, wid = x.shape
+        h = F.group_norm(x, m.norm.num_groups, m.norm.weight, m.norm.bias, m.norm.eps)
+        h = h.flatten(2).transpose(1, 2)  # (b, pixels, channels), a view
+        w_in = m.proj_in.weight
+        h = F.linear(h, w_in if m.use_linear_projection else w_in.flatten(1), m.proj_in.bias)
+        for blk, attn1, attn2 in self.blocks:
+            n1 = blk.norm1
+            h = attn1(F.layer_norm(h, n1.normalized_shape, n1.weight, n1.bias, n1.eps), None) + h
+            if attn2 is not None:
+                n2 = blk.norm2
+                h = attn2(F.layer_norm(h, n2.normalized_shape, n2.weight, n2.bias, n2.eps), context) + h
+            n3 = blk.norm3
+            f = F.layer_norm(h, n3.normalized_shape, n3.weight, n3.bias, n3.eps)
+            act, out = blk.ff.net[0], blk.ff.net[2]
+            f = F.linear(f, act.proj.weight, act.proj.bias)
+            if act.__class__.__name__ == "GEGLU":
+                f, gate = f.chunk(2, dim=-1)
+                f = f * F.gelu(gate)
+            else:
+                f = F.gelu(f)
+            h = F.linear(f, out.weight, out.bias) + h
+        w_out = m.proj_out.weight
+        h = F.linear(h, w_out if m.use_linear_projection else w_out.flatten(1), m.proj_out.bias)
+        return h.transpose(1, 2).reshape(b, -1, hgt, wid) + x
+
+
+class FastUNet:
+    """`fast(sample, timestep, context, added_cond_kwargs=None)` -> the UNet's output sample, as
+    `unet(sample, timestep, encoder_hidden_states=context, added_cond_kwargs=...).sample` gives it."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        resnets = []
+
+        def res(block):
+            r = _Resnet(block, None)
+            resnets.append(r)
+            return r
+
+        self.down = []
+        for blk in unet.down_blocks:
+            attns = [_Transformer(a) for a in getattr(blk, "attentions", [])] or [None] * len(blk.resnets)
+            self.down.append(([res(r) for r in blk.resnets], attns, blk.downsamplers))
+        mid = unet.mid_block
+        self.mid = (res(mid.resnets[0]), [(_Transformer(a), res(r)) for a, r in zip(mid.attentions, mid.resnets[1:])])
+        self.up = []
+        for blk in unet.up_blocks:
+            attns = [_Transformer(a) for a in getattr(blk, "attentions", [])] or [None] * len(blk.resnets)
+            self.up.append(([res(r) for r in blk.resnets], attns, blk.upsamplers))
+        start = 0
+        for r in resnets:
+            n = r.b.time_emb_proj.out_features
+            r.temb_slice = slice(start, start + n)
+            start += n
+        projs = [r.b.time_emb_proj for r in resnets]
+        self.temb_w = _Fused([p.weight for p in projs])
+        self.temb_b = _Fused([p.bias for p in projs])
+
+    @classmethod
+    def build(cls, unet) -> "FastUNet | None":
+        """A FastUNet for `unet`, or None where its layout is not one this forward reproduces exactly."""
+        try:
+            from diffusers import UNet2DConditionModel
+        except ImportError:  # pragma: no cover
+            return None
+        if not _plain(unet, UNet2DConditionModel):
+            return None
+        c = unet.config
+        if (c.class_embed_type is not None or c.addition_embed_type not in (None, "text_time")
+                or c.time_cond_proj_dim is not None or c.encoder_hid_dim_type is not None
+                or c.center_input_sample or unet.time_embed_act is not None
+                or c.resnet_time_scale_shift != "default" or unet.conv_act is None
+                or unet.conv_norm_out is None):
+            return None
+        if not isinstance(unet.conv_act, torch.nn.SiLU):
+            return None
+        try:
+            for blk in unet.down_blocks:
+                name = type(blk).__name__
+                if name not in _DOWN or (blk.downsamplers and not all(_downsample_ok(d) for d in blk.downsamplers)):
+                    return None
+                if not all(_Resnet.supported(r) for r in blk.resnets):
+                    return None
+                if not all(_Transformer.supported(a) for a in getattr(blk, "attentions", [])):
+                    return None
+            mid = unet.mid_block
+            if type(mid).__name__ not in _MID or not all(_Resnet.supported(r) for r in mid.resnets):
+                return None
+            if not all(_Transformer.supported(a) for a in mid.attentions):
+                return None
+            for blk in unet.up_blocks:
+                if type(blk).__name__ not in _UP or (blk.upsamplers and not all(_upsample_ok(u) for u in blk.upsamplers)):
+                    return None
+                if getattr(blk, "resolution_idx", None) is not None and getattr(blk, "is_freeu_enabled", False):
+                    return None
+                if any(getattr(blk, k, None) for k in ("s1", "s2", "b1", "b2")):  # FreeU
+                    return None
+                if not all(_Resnet.supported(r) for r in blk.resnets):
+                    return None
+                if not all(_Transformer.supported(a) for a in getattr(blk, "attentions", [])):
+                    return None
+        except AttributeError:
+            return None
+        return cls(unet)
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                 added_cond_kwargs: dict | None = None) -> torch.Tensor:
+        u = self.unet
+        t_emb = u.get_time_embed(sample=sample, timestep=timestep)
+        emb = u.time_embedding(t_emb, None)
+        if u.config.addition_embed_type is not None:
+            emb = emb + u.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs)
+        temb_all = F.linear(F.silu(emb), self.temb_w.get(), self.temb_b.get())
+
+        h = u.conv_in(sample)
+        skips = [h]
+        for resnets, attns, downs in self.down:
+            for r, a in zip(resnets, attns):
+                h = r(h, temb_all)
+                if a is not None:
+                    h = a(h, context)
+                skips.append(h)
+            if downs:
+                for d in downs:
+                    h = d.conv(h)
+                skips.append(h)
+
+        first, rest = self.mid
+        h = first(h, temb_all)
+        for a, r in rest:
+            h = r(a(h, context), temb_all)
+
+        for i, (resnets, attns, ups) in enumerate(self.up):
+            for r, a in zip(resnets, attns):
+                h = r(torch.cat([h, skips.pop()], dim=1), temb_all)
+                if a is not None:
+                    h = a(h, context)
+            if ups:
+                size = skips[-1].shape[2:] if skips else None
+                for up in ups:
+                    if size is not None and (size[0] != 2 * h.shape[2] or size[1] != 2 * h.shape[3]):
+                        h = F.interpolate(h, size=size, mode="nearest")
+                    else:
+                        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+                    h = up.conv(h)
+        n = u.conv_norm_out
+        h = F.silu(F.group_norm(h, n.num_groups, n.weight, n.bias, n.eps))
+        return u.conv_out(h)
+
+
+def _downsample_ok(d) -> bool:
+    from diffusers.models.downsampling import Downsample2D
+
+    return (_plain(d, Downsample2D) and d.use_conv and d.padding == 1 and d.norm is None
+            and _plain(d.conv, torch.nn.Conv2d))
+
+
+def _upsample_ok(u) -> bool:
+    from diffusers.models.upsampling import Upsample2D
+
+    return (_plain(u, Upsample2D) and u.use_conv and not u.use_conv_transpose and u.norm is None
+            and getattr(u, "interpolate", True) and u.name == "conv" and _plain(u.conv, torch.nn.Conv2d))
+
+
+# ------------------------------------------------------------------------------------------ the runtime wrapper
+
+SMALL_UNET_PARAMS = 50_000_000  # below this a UNet is overhead-bound on a CPU: the fast path pays
+MAX_TRACES = 4  # traced graphs kept per UNet (one per input shape and dtype)
+
+
+def fast_path_enabled() -> bool:
+    """SDSTACK_FAST_UNET=0 turns the fast path off (the model's own forward everywhere)."""
+    import os
+
+    return os.environ.get("SDSTACK_FAST_UNET", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class UNetRunner:
+    """The UNet call of sampling: `runner(x, t, context, added_cond_kwargs)` -> the model output.
+
+    For a small UNet on a CPU it runs `FastUNet`, traced (`torch.jit.trace`, about 0.15 s for shapes-v1) once per
+    input shape and dtype, so each later call runs without Python; the traces bake the weights in, so `refresh()`
+    (called before each sampling run) drops them when any UNet tensor has changed (version counter, storage,
+    dtype: a LoRA merge, an optimizer step, a cast). Anything else (a large model, a GPU, gradients on, a layout FastUNet does not reproduce, a failed
+    trace) runs the model's own forward."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.params = list(unet.parameters()) + list(unet.buffers())
+        small = sum(p.numel() for p in self.params) < SMALL_UNET_PARAMS
+        self.fast = FastUNet.build(unet) if small and fast_path_enabled() else None
+        self.traces: dict = {}
+        self.weights_key = None
+        self.trace_ok = True
+
+    def refresh(self) -> None:
+        """Drop the traces if any UNet tensor changed since they were made. Call it before each sampling run
+        (engine.guidance does): checking on every call would cost ~0.5 ms of a ~23 ms shapes-v1 step, and the
+        weights do not change within a run."""
+        key = tuple((p._version, p.data_ptr(), p.dtype) for p in self.params)
+        if key != self.weights_key:
+            self.traces.clear()
+            self.weights_key = key
+
+    def usable(self, x: torch.Tensor) -> bool:
+        return (self.fast is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not self.unet.training)
+
+    def __call__(self, x, t, context, added_cond_kwargs=None) -> torch.Tensor:
+        if not self.usable(x):
+            return self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs).sample
+        t = t.expand(x.shape[0]) if t.ndim else t.reshape(1).expand(x.shape[0])
+        if not self.trace_ok:
+            return self.fast(x, t, context, added_cond_kwargs)
+        extra = () if added_cond_kwargs is None else (added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"])
+        args = (x, t, context, *extra)
+        if self.weights_key is None:
+            self.refresh()
+        sig = tuple((a.shape, a.dtype) for a in args)
+        fn = self.traces.get(sig)
+        if fn is None:
+            fn = self._trace(args)
+            if fn is None:
+                return self.fast(x, t, context, added_cond_kwargs)
+            if len(self.traces) >= MAX_TRACES:
+                self.traces.pop(next(iter(self.traces)))
+            self.traces[sig] = fn
+        return fn(*args)
+
+    def _trace(self, args):
+        import warnings
+
+        fast = self.fast
+
+        def run(x, t, context, *extra):
+            added = None if not extra else {"text_embeds": extra[0], "time_ids": extra[1]}
+            return fast(x, t, context, added)
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent branches; DeprecationWarning
+                return torch.jit.trace(run, args, check_trace=False)
+        except Exception as e:  # noqa: BLE001 - any tracing failure falls back to the untraced fast forward
+            import logging
+
+            logging.getLogger(__name__).warning("UNet tracing failed (%s); running it untraced", e)
+            self.trace_ok = False
+            return None
+
+
+def unet_runner(bundle) -> UNetRunner:
+    """The bundle's UNetRunner, made once and rebuilt when the bundle's UNet object changes."""
+    runner = getattr(bundle, "_unet_runner", None)
+    if runner is None or runner.unet is not bundle.unet:
+        runner = UNetRunner(bundle.unet)
+        try:
+            bundle._unet_runner = runner
+        except AttributeError:  # a bundle type that refuses new attributes: no caching
+            pass
+    return runner

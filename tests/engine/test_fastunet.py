@@ -1,0 +1,125 @@
+"""The lean UNet forward (engine.fastunet) against diffusers' own forward, and its traced runner."""
+
+import numpy as np
+import pytest
+import torch
+
+from sdstack.engine.fastunet import FastUNet, UNetRunner, unet_runner
+from sdstack.engine.generate import generate
+from sdstack.models.tiny import tiny_bundle
+from sdstack.params import make_params
+
+
+def inputs(unet, family, batch=2, h=16, w=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, h, w, generator=g)
+    t = torch.tensor([999.0, 321.0][:batch])
+    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
+    added = None
+    if family == "sdxl":
+        pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(batch, pooled_dim, generator=g),
+                 "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch)}
+    return x, t, ctx, added
+
+
+def reference(unet, x, t, ctx, added):
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("size", [(16, 16), (12, 20)])  # 12x20: not a multiple of 8, the upsamplers get sizes
+def test_fast_forward_equals_diffusers(family, size):
+    unet = tiny_bundle(family).unet.eval()
+    fast = FastUNet.build(unet)
+    assert fast is not None, f"{family}: the tiny layout should be one FastUNet reproduces"
+    x, t, ctx, added = inputs(unet, family, h=size[0], w=size[1])
+    want = reference(unet, x, t, ctx, added)
+    with torch.no_grad():
+        got = fast(x, t, ctx, added)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_traced_runner_equals_eager_and_follows_weight_changes():
+    unet = tiny_bundle("sd1").unet.eval()
+    runner = UNetRunner(unet)
+    x, t, ctx, _ = inputs(unet, "sd1")
+    with torch.no_grad():
+        runner.refresh()
+        first = runner(x, t, ctx)
+        assert len(runner.traces) == 1, "the call should have traced the fast forward"
+        torch.testing.assert_close(first, reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
+        # an in-place weight change (as a LoRA merge makes it) must not reach a stale trace after refresh()
+        unet.conv_in.weight.add_(0.05)
+        unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k.weight.mul_(1.5)
+        runner.refresh()
+        assert not runner.traces
+        second = runner(x, t, ctx)
+    want = reference(unet, x, t, ctx, None)
+    torch.testing.assert_close(second, want, rtol=1e-4, atol=1e-5)
+    assert (second - first).abs().max() > 1e-3
+
+
+def test_runner_traces_each_shape_once():
+    unet = tiny_bundle("sd2").unet.eval()
+    runner = UNetRunner(unet)
+    with torch.no_grad():
+        runner.refresh()
+        for h, w in [(16, 16), (8, 24), (16, 16)]:
+            x, t, ctx, _ = inputs(unet, "sd2", h=h, w=w)
+            torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
+    assert len(runner.traces) == 2
+
+
+def test_unsupported_layouts_run_the_models_own_forward():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class Doubled(AttnProcessor):  # a processor FastUNet does not know: its result must not be reproduced
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return 2 * super().__call__(attn, hidden_states, *args, **kwargs)
+
+    unet = tiny_bundle("sd1").unet.eval()
+    unet.set_attn_processor(Doubled())
+    assert FastUNet.build(unet) is None
+    runner = UNetRunner(unet)
+    x, t, ctx, _ = inputs(unet, "sd1")
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None))
+    # a forward hook (how adapters observe layers) also sends the call to the model's forward
+    unet2 = tiny_bundle("sd1").unet.eval()
+    unet2.mid_block.resnets[0].register_forward_hook(lambda m, i, o: o * 0)
+    assert FastUNet.build(unet2) is None
+
+
+def test_gradients_and_training_mode_use_the_models_forward():
+    unet = tiny_bundle("sd1").unet
+    runner = UNetRunner(unet)
+    x, t, ctx, _ = inputs(unet, "sd1")
+    unet.eval()
+    assert not runner.usable(x)  # gradients on
+    with torch.no_grad():
+        assert runner.usable(x)
+        unet.train()
+        assert not runner.usable(x)
+
+
+def test_fast_path_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("SDSTACK_FAST_UNET", "0")
+    assert UNetRunner(tiny_bundle("sd1").unet).fast is None
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_generate_gives_the_same_image_with_and_without_the_fast_path(family, monkeypatch):
+    params = make_params(prompt="a red star", negative_prompt="blue", steps=6, seed=5, batch_size=2,
+                         width=64, height=64)
+    fast_bundle = tiny_bundle(family)
+    fast = generate(fast_bundle, params).images
+    assert unet_runner(fast_bundle).traces, "generation should have used the traced fast path"
+    monkeypatch.setenv("SDSTACK_FAST_UNET", "0")
+    plain_bundle = tiny_bundle(family)
+    plain = generate(plain_bundle, params).images
+    assert unet_runner(plain_bundle).fast is None
+    for a, b in zip(fast, plain):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
