@@ -12,7 +12,8 @@ evaluate the UNet twice per step (cond + uncond batched). Each timed run is one 
 sampling, VAE decode, to a PIL image (infotext included on sdstack's side).
 
 Prints the median seconds per image over --repeats runs after --warmup runs, for diffusers fp32, sdstack fp32,
-and sdstack with its speed options (engine/perf.py: channels_last, and bf16 weights where the CPU has native
+sdstack fp32 with its UNet fast path off (engine/fastunet.py: a lean forward of the same arithmetic, traced once
+per shape; SDSTACK_FAST_UNET=0), and sdstack with its speed options (engine/perf.py: channels_last, and bf16 weights where the CPU has native
 bf16), each with the ratio sdstack/diffusers. The issue's goal: sdstack fp32 <= 0.6x diffusers' time.
 Runs are interleaved (diffusers, sdstack, diffusers, ...) so a background load hits both sides alike.
 Exit status 1 if any run fails or produces no image.
@@ -110,6 +111,7 @@ def main() -> int:
 
 
 def run(args, work: Path) -> int:
+    from sdstack.engine.fastunet import UNetRunner
     from sdstack.engine.generate import generate
     from sdstack.engine.perf import cpu_supports_bf16, set_inference_dtype
     from sdstack.models.loader import load_model
@@ -136,11 +138,19 @@ def run(args, work: Path) -> int:
     def run_sdstack():
         return generate(bundle, params).images
 
+    plain = load_model(folder)  # the same weights with the UNet fast path off (the model's own forward)
+    plain._unet_runner = UNetRunner(plain.unet, enabled=False)
+
+    def run_plain():
+        return generate(plain, params).images
+
     # (variant, s/img, diffusers s/img measured interleaved with it); the casts are one way, so the fast
     # variants come after fp32, each paired with fresh diffusers runs
-    t = median_interleaved({"diffusers": run_diffusers, "sdstack": run_sdstack}, args.warmup, args.repeats)
+    t = median_interleaved({"diffusers": run_diffusers, "sdstack": run_sdstack, "plain": run_plain}, args.warmup,
+                           args.repeats)
     t_diff = t["diffusers"]
-    rows = [("diffusers fp32", t_diff, t_diff), ("sdstack fp32", t["sdstack"], t_diff)]
+    rows = [("diffusers fp32", t_diff, t_diff), ("sdstack fp32", t["sdstack"], t_diff),
+            ("sdstack fp32, fast path off", t["plain"], t_diff)]
     if not args.no_fast:
         fast = [("sdstack fp32 channels_last", torch.float32)]
         if cpu_supports_bf16() or torch.cuda.is_available():

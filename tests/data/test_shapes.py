@@ -188,6 +188,29 @@ def test_rendering_is_antialiased_and_in_the_right_colours():
     assert tuple(np.asarray(render_scene(scene, 64))[int(cy * 64), int(cx * 64)]) == red
 
 
+def test_detail_images_band_every_object_in_another_colour_and_keep_the_caption():
+    plain, detailed = ShapesWorld(64, seed=5), ShapesWorld(64, seed=5, detail_share=0.5, detail_widths=(2.0, 2.0))
+    palette = {name: np.asarray(_rgb(h)) for name, h in PALETTE.items()}
+    changed = 0
+    for i in range(80):
+        (a, cap_a, scene), (b, cap_b, _) = plain[i], detailed[i]
+        assert cap_a == cap_b  # the caption never mentions the band
+        a, b = np.asarray(a, dtype=int), np.asarray(b, dtype=int)
+        if (a == b).all():
+            continue
+        changed += 1
+        for obj in scene.objects:  # along the row through the object's centre: its fill, and a band of a
+            row = b[int(obj.center[1] * 64)]  # third palette colour (neither the fill's nor the background's)
+            if obj.radius > 0.15:  # (a small star's core is all band)
+                assert (np.abs(row - palette[obj.colour]).sum(axis=1) < 10).any(), (i, obj)
+            others = [n for n in PALETTE if n not in (obj.colour, scene.background)]
+            assert any((np.abs(row - palette[n]).sum(axis=1) < 10).any() for n in others), (i, obj)
+        assert (np.abs(a - b).sum(axis=2) > 0).mean() < 0.5  # only the objects' edges change
+    assert 25 <= changed <= 55  # detail_share 0.5 of 80 images
+    with pytest.raises(UserError):
+        ShapesWorld(64, detail_share=2.0)
+
+
 def test_scene_from_prompt_makes_crowded_prompts_fit():
     spec = PromptSpec((ObjectSpec("heart", "yellow", count=4, size="large"),))
     for k in range(10):

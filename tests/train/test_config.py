@@ -42,6 +42,9 @@ def test_saved_config_reads_back_equal(tmp_path):
     ("[run]\nmax_steps = [\n", "not valid TOML"),
     ("[data]\nkind_weights = [1, 2]\n", "data.kind weights"),
     ("[data]\nkind_weights = [1, -1, 1, 1, 1]\n", "data.kind weights"),
+    ("[data]\ndetail_share = 1.5\n", "data.detail_share"),
+    ("[data]\ndetail_widths = [3.0, 1.0]\n", "data.detail_widths"),
+    ("[data]\ndetail_widths = [0.0, 1.0]\n", "data.detail_widths"),
 ])
 def test_bad_config_is_one_line_naming_the_problem(tmp_path, text, needle):
     with pytest.raises(UserError) as e:
