@@ -231,6 +231,12 @@ class FastUNet:
             return None
         if not _plain(unet, UNet2DConditionModel):
             return None
+        from torch.nn.modules import module as nn_module
+
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules()):
+            return None  # a hook anywhere: the traced graph would skip it
         c = unet.config
         if (c.class_embed_type is not None or c.addition_embed_type not in (None, "text_time")
                 or c.time_cond_proj_dim is not None or c.encoder_hid_dim_type is not None
@@ -346,28 +352,34 @@ class UNetRunner:
 
     For a small UNet on a CPU it runs `FastUNet`, traced (`torch.jit.trace`, about 0.13 s for shapes-v1) once per
     input shape and dtype, so each later call runs without Python; the traces bake the weights in, so `refresh()`
-    (called before each sampling run) drops them when any UNet tensor has changed (version counter, storage,
-    dtype: a LoRA merge, an optimizer step, a cast). Anything else (a large model, a GPU, gradients on, a layout FastUNet does not reproduce, a failed
-    trace) runs the model's own forward."""
+    (called before each sampling run) drops them when any UNet tensor has changed. Anything else (a large model,
+    a GPU, gradients on, a layout FastUNet does not reproduce, a failed trace) runs the model's own forward."""
 
     def __init__(self, unet, enabled: bool | None = None):
         self.unet = unet
-        self.params = list(unet.parameters()) + list(unet.buffers())
-        small = sum(p.numel() for p in self.params) < SMALL_UNET_PARAMS
-        enabled = fast_path_enabled() if enabled is None else enabled
-        self.fast = FastUNet.build(unet) if small and enabled else None
+        self.enabled = fast_path_enabled() if enabled is None else enabled
+        self.fast: FastUNet | None = None
         self.traces: dict = {}
         self.weights_key = None
         self.trace_ok = True
+        self.refresh()
 
     def refresh(self) -> None:
-        """Drop the traces if any UNet tensor changed since they were made. Call it before each sampling run
-        (engine.guidance does): checking on every call would cost ~0.5 ms of a ~23 ms shapes-v1 step, and the
-        weights do not change within a run."""
-        key = tuple((p._version, p.data_ptr(), p.dtype) for p in self.params)
-        if key != self.weights_key:
+        """Check the UNet again before a sampling run (engine.guidance calls this; about 2 ms for shapes-v1):
+        its layout (adapters injected since, hooks registered) decides between FastUNet and the model's own
+        forward, and the traces are dropped if any tensor changed or was added since they were made (version
+        counter, storage, dtype: a LoRA merge, an optimizer step, a cast). Checking on every call instead would
+        cost ~0.5 ms of a ~23 ms shapes-v1 step, and nothing changes the weights within a run."""
+        params = list(self.unet.parameters()) + list(self.unet.buffers())
+        small = sum(p.numel() for p in params) < SMALL_UNET_PARAMS
+        fresh = FastUNet.build(self.unet) if self.enabled and small else None
+        key = tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params)
+        if fresh is None:
+            self.fast, self.weights_key = None, None
             self.traces.clear()
-            self.weights_key = key
+        elif self.fast is None or key != self.weights_key:
+            self.fast, self.weights_key = fresh, key
+            self.traces.clear()
 
     def usable(self, x: torch.Tensor) -> bool:
         return (self.fast is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
@@ -381,8 +393,6 @@ class UNetRunner:
             return self.fast(x, t, context, added_cond_kwargs)
         extra = () if added_cond_kwargs is None else (added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"])
         args = (x, t, context, *extra)
-        if self.weights_key is None:
-            self.refresh()
         sig = tuple((a.shape, a.dtype) for a in args)
         fn = self.traces.get(sig)
         if fn is None:

@@ -123,3 +123,33 @@ def test_generate_gives_the_same_image_with_and_without_the_fast_path(family, mo
     assert unet_runner(plain_bundle).fast is None
     for a, b in zip(fast, plain):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+
+
+def test_adapters_and_hooks_added_after_the_runner_are_not_skipped():
+    """A runner made on the base UNet (as DreamBooth's class images make it) must not keep running the base
+    weights once LoRA layers are injected (as LoRA training then does), nor skip a hook registered later."""
+    from peft import LoraConfig
+
+    unet = tiny_bundle("sd1").unet.eval()
+    runner = UNetRunner(unet)
+    x, t, ctx, _ = inputs(unet, "sd1")
+    with torch.no_grad():
+        base = runner(x, t, ctx)
+        assert runner.traces
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False))  # random B: the adapter changes the output
+        runner.refresh()
+        adapted = runner(x, t, ctx)
+        want = reference(unet, x, t, ctx, None)
+    assert runner.fast is None
+    torch.testing.assert_close(adapted, want)
+    assert (adapted - base).abs().max() > 1e-3
+
+    unet2 = tiny_bundle("sd1").unet.eval()
+    runner2 = UNetRunner(unet2)
+    with torch.no_grad():
+        runner2(x, t, ctx)
+        unet2.conv_out.register_forward_hook(lambda m, i, o: o + 1.0)
+        runner2.refresh()
+        hooked = runner2(x, t, ctx)
+        torch.testing.assert_close(hooked, reference(unet2, x, t, ctx, None))
