@@ -3,7 +3,8 @@ full images with an edge-weighted L1 + MSE reconstruction loss and a small KL te
 
 Edge weighting: pixels within one pixel of a colour edge of the target weigh 1 + edge_weight, because small
 shapes (stars, hexagons) live in their edges and a plain pixel loss lets them melt into blobs. The exported VAE's
-`scaling_factor` is set to 1 / std of the latents of training images, as SD's 0.18215 was.
+`scaling_factor` is set to 1 / std of the latents of training images, as SD's 0.18215 was, except when the
+encoder stayed frozen from a VAE folder (decoder-only stages): then the folder's factor stays.
 """
 
 from __future__ import annotations
@@ -118,9 +119,14 @@ class AutoencoderTask(Task):
         self.cfg = cfg
         seed_everything(cfg.run.seed)
         vae = build_vae(cfg)
+        # a frozen encoder keeps the latent space, so the scaling factor of the VAE folder it came from must stay
+        # too (a UNet trained on those latents depends on it); otherwise export measures it afresh
+        self.kept_scale = None
         if not cfg.loss.train_encoder:
             vae.encoder.requires_grad_(False)
             vae.quant_conv.requires_grad_(False)
+            if cfg.init_from and resolve_vae_folder(cfg.init_from) is not None:
+                self.kept_scale = float(vae.config.scaling_factor)
         self.module = AutoencoderModule(vae)
 
     def loss(self, model, batch, generator):
@@ -162,8 +168,11 @@ class AutoencoderTask(Task):
     def export(self, run_dir: Path) -> Path:
         vae = self.module.vae
         vae.eval()
-        std = latent_std(vae, TrainingImages(self.cfg.data), self.device)
-        vae.register_to_config(scaling_factor=float(1.0 / std))
+        if self.kept_scale is not None:
+            vae.register_to_config(scaling_factor=self.kept_scale)
+        else:
+            std = latent_std(vae, TrainingImages(self.cfg.data), self.device)
+            vae.register_to_config(scaling_factor=float(1.0 / std))
         out = run_dir / "vae"
         vae.save_pretrained(out, safe_serialization=True)
         return out
