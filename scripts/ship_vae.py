@@ -10,6 +10,7 @@ Exit status 2 with one line if the encoders differ or a folder is not a VAE / mo
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix=".vae-", dir=target.parent))
     try:
         new.save_pretrained(work, safe_serialization=True)
+        cfg_file = work / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg.pop("_name_or_path", None)  # where the VAE was read from: a local path, not part of the model
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -105,5 +105,12 @@ if [ "$(step "$S8")" -lt 2142 ]; then
     --set data.world_seed=2 --stop-at 2142
 fi
 "$PY" -m sdstack train export "$S8" sdstack/builtin/shapes-v1 --vae "$S4/vae" --fp16
+# 7. (session 9) decoder stage 4: the stage-3 decoder trained on with 30% of the images carrying thin bands of
+#    another colour (data.detail_share), encoder still frozen, then put into the model (same encoder, same scale)
+if [ ! -f "$RUNS/ae-decoder3/vae/config.json" ]; then
+  "$PY" -m sdstack train autoencoder --config configs/shapes-v1/autoencoder-decoder3.toml $(resume "$RUNS/ae-decoder3")
+fi
+"$PY" -m sdstack train check-vae "$RUNS/ae-decoder3/vae" --min-score 0.96
+"$PY" scripts/ship_vae.py --vae "$RUNS/ae-decoder3/vae" --model sdstack/builtin/shapes-v1
 echo "shapes-v1 written to sdstack/builtin/shapes-v1"
 "$PY" -m sdstack eval --model sdstack/builtin/shapes-v1 --seeds 4 --out "$RUNS/eval" || echo "(evaluation failed)"
