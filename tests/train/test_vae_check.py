@@ -32,3 +32,33 @@ def test_exact_round_trip_scores_everything():
 def test_blocky_round_trip_loses_shapes():
     scores = oracle_round_trip(FakeVAE(8), per_suite=3)
     assert min(scores.values()) < 1.0
+
+
+def test_concept_round_trip_is_the_ceiling_of_fine_tuning():
+    from sdstack.train.vae_check import concept_round_trip
+
+    source, exact = concept_round_trip(FakeVAE(1), "outline", n=22)
+    assert source >= 0.95 and exact == source  # the oracle reads the renders, and an exact codec keeps them
+    _, blocky = concept_round_trip(FakeVAE(4), "outline", n=22)
+    assert blocky <= source - 0.3  # 4x4 blocks smear a 1.5 px band away in many images
+    source_ring, exact_ring = concept_round_trip(FakeVAE(1), "ring", n=22)
+    assert exact_ring == source_ring >= 0.95
+
+
+def test_check_vae_cli_reports_concepts_and_refuses_unknown_ones(tiny_vae_dir, capsys):
+    from sdstack.cli import main
+
+    def cli(*args):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    assert cli("train", "check-vae", tiny_vae_dir, "--resolution", "32", "--per-suite", "1", "--concept", "outline",
+               "--min-score", "0") == 0
+    out = capsys.readouterr().out
+    assert "concept outline" in out and "of 88 images" in out
+    assert cli("train", "check-vae", tiny_vae_dir, "--concept", "moon") == 2
+    err = capsys.readouterr().err.strip()
+    assert "moon" in err and len(err.splitlines()) == 1
