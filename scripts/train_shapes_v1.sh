@@ -3,7 +3,7 @@
 #   1. autoencoder (AutoencoderKL, 4 latent channels, 64x64 -> 16x16), full 64x64 images, edge-weighted loss
 #   2. its decoder trained further with the encoder frozen (stronger edge weight), then
 #      once more with a gradient loss (small hexagons and stars keep their corners)
-#   3. the round trip validated with the shapes oracle (>= 96% on every suite, else stop; >= 98% after step 7)
+#   3. the round trip validated with the shapes oracle (>= 96% on every suite, else stop; see below)
 #   4. text2image (UNet + CLIP text encoder from scratch; zero terminal SNR, v-prediction, min-SNR, EMA), in the
 #      four stages the shipped model went through: one process (batch 32) to step 3104; two processes under
 #      accelerate (16 each: the same 32 images a step, ~1.8x the images/s on two cores) to step 5500; then the
@@ -11,9 +11,7 @@
 #      then back to the 12000-step schedule (lr 2.6e-4 at step 6500) up to step 8500 (shipped until session 6)
 #   5. two more runs from those weights at batch 256 (new optimizer and schedule each; see below), then two more
 #      on fresh world images with a caption mix that leans towards relations and two-object prompts
-#   6. export to sdstack/builtin/shapes-v1 as fp16 safetensors
-#   7. a fourth decoder stage (thin bands of another colour in 30% of the images), checked with the oracle and put
-#      into the model (scripts/ship_vae.py: same encoder, same scaling factor); then score it with `sdstack eval`
+#   6. export to sdstack/builtin/shapes-v1 as fp16 safetensors, then score it with `sdstack eval`
 # Every stage checkpoints; running the script again resumes where it stopped and skips finished stages.
 #
 #   scripts/train_shapes_v1.sh            (PYTHON=/path/to/python to pick the interpreter)
@@ -41,7 +39,7 @@ if [ ! -f "$RUNS/ae-decoder2/vae/config.json" ]; then
   "$PY" -m sdstack train autoencoder --config configs/shapes-v1/autoencoder-decoder2.toml $(resume "$RUNS/ae-decoder2")
 fi
 # the UNet was trained on this stage-3 VAE (99.1 / 100 / 96.0 / 98.1 / 98.2% single, heldout, two-objects,
-# counting, position); stage 4 (step 7) passes the issue's 98% on every suite
+# counting, position); the unshipped stage 4 (step 7) passes the issue's 98% on every suite
 "$PY" -m sdstack train check-vae "$RUNS/ae-decoder2/vae" --min-score 0.96
 T2I=$RUNS/t2i-wide
 if [ "$(step "$T2I")" -lt 8500 ]; then
@@ -107,12 +105,9 @@ if [ "$(step "$S8")" -lt 2142 ]; then
     --set data.world_seed=2 --stop-at 2142
 fi
 "$PY" -m sdstack train export "$S8" sdstack/builtin/shapes-v1 --vae "$S4/vae" --fp16
-# 7. (session 9) decoder stage 4: the stage-3 decoder trained on with 30% of the images carrying thin bands of
-#    another colour (data.detail_share), encoder still frozen, then put into the model (same encoder, same scale)
-if [ ! -f "$RUNS/ae-decoder3/vae/config.json" ]; then
-  "$PY" -m sdstack train autoencoder --config configs/shapes-v1/autoencoder-decoder3.toml $(resume "$RUNS/ae-decoder3")
-fi
-"$PY" -m sdstack train check-vae "$RUNS/ae-decoder3/vae" --min-score 0.98
-"$PY" scripts/ship_vae.py --vae "$RUNS/ae-decoder3/vae" --model sdstack/builtin/shapes-v1
+# 7. (session 9, NOT shipped) decoder stage 4: thin bands of another colour in 30% of the images; its round trip
+#    passes 98% everywhere but it decodes sampled latents worse (README). To try it:
+#      sdstack train autoencoder --config configs/shapes-v1/autoencoder-decoder3.toml
+#      python scripts/ship_vae.py --vae runs/shapes-v1/ae-decoder3/vae --model A_COPY_OF_THE_MODEL
 echo "shapes-v1 written to sdstack/builtin/shapes-v1"
 "$PY" -m sdstack eval --model sdstack/builtin/shapes-v1 --seeds 4 --out "$RUNS/eval" || echo "(evaluation failed)"
