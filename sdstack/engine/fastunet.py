@@ -338,6 +338,10 @@ def _upsample_ok(u) -> bool:
 
 SMALL_UNET_PARAMS = 50_000_000  # below this a UNet is overhead-bound on a CPU: the fast path pays
 MAX_TRACES = 4  # traced graphs kept per UNet (one per input shape and dtype)
+# calls of one input shape that run untraced before it is traced: a one-off image (20 steps, as `sdstack generate`
+# makes one per process) does not pay the ~0.13 s trace (plus first-call costs); a server, a batch or an eval does
+# from its 21st step of that shape on
+EAGER_CALLS = 20
 
 
 def fast_path_enabled() -> bool:
@@ -350,8 +354,8 @@ def fast_path_enabled() -> bool:
 class UNetRunner:
     """The UNet call of sampling: `runner(x, t, context, added_cond_kwargs)` -> the model output.
 
-    For a small UNet on a CPU it runs `FastUNet`, traced (`torch.jit.trace`, about 0.13 s for shapes-v1) once per
-    input shape and dtype, so each later call runs without Python; the traces bake the weights in, so `refresh()`
+    For a small UNet on a CPU it runs `FastUNet`: untraced for the first EAGER_CALLS calls of an input shape and
+    dtype, then traced (`torch.jit.trace`, about 0.13 s for shapes-v1) so that each later call runs without Python; the traces bake the weights in, so `refresh()`
     (called before each sampling run) drops them when any UNet tensor has changed. Anything else (a large model,
     a GPU, gradients on, a layout FastUNet does not reproduce, a failed trace) runs the model's own forward."""
 
@@ -362,6 +366,8 @@ class UNetRunner:
         self.traces: dict = {}
         self.weights_key = None
         self.trace_ok = True
+        self.eager_calls = EAGER_CALLS
+        self.calls: dict = {}  # input signature -> calls so far (kept across refresh: it measures use)
         self.refresh()
 
     def refresh(self) -> None:
@@ -396,6 +402,9 @@ class UNetRunner:
         sig = tuple((a.shape, a.dtype) for a in args)
         fn = self.traces.get(sig)
         if fn is None:
+            seen = self.calls[sig] = self.calls.get(sig, 0) + 1
+            if seen <= self.eager_calls:
+                return self.fast(x, t, context, added_cond_kwargs)
             fn = self._trace(args)
             if fn is None:
                 return self.fast(x, t, context, added_cond_kwargs)

@@ -45,6 +45,7 @@ def test_fast_forward_equals_diffusers(family, size):
 def test_traced_runner_equals_eager_and_follows_weight_changes():
     unet = tiny_bundle("sd1").unet.eval()
     runner = UNetRunner(unet)
+    runner.eager_calls = 0  # trace at once
     x, t, ctx, _ = inputs(unet, "sd1")
     with torch.no_grad():
         runner.refresh()
@@ -65,6 +66,7 @@ def test_traced_runner_equals_eager_and_follows_weight_changes():
 def test_runner_traces_each_shape_once():
     unet = tiny_bundle("sd2").unet.eval()
     runner = UNetRunner(unet)
+    runner.eager_calls = 0
     with torch.no_grad():
         runner.refresh()
         for h, w in [(16, 16), (8, 24), (16, 16)]:
@@ -113,8 +115,9 @@ def test_fast_path_can_be_turned_off(monkeypatch):
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_generate_gives_the_same_image_with_and_without_the_fast_path(family, monkeypatch):
     params = make_params(prompt="a red star", negative_prompt="blue", steps=6, seed=5, batch_size=2,
-                         width=64, height=64)
+                         width=64, height=64, n_iter=2)  # 12 UNet calls of one shape: 3 untraced, then traced
     fast_bundle = tiny_bundle(family)
+    unet_runner(fast_bundle).eager_calls = 3
     fast = generate(fast_bundle, params).images
     assert unet_runner(fast_bundle).traces, "generation should have used the traced fast path"
     monkeypatch.setenv("SDSTACK_FAST_UNET", "0")
@@ -132,6 +135,7 @@ def test_adapters_and_hooks_added_after_the_runner_are_not_skipped():
 
     unet = tiny_bundle("sd1").unet.eval()
     runner = UNetRunner(unet)
+    runner.eager_calls = 0
     x, t, ctx, _ = inputs(unet, "sd1")
     with torch.no_grad():
         base = runner(x, t, ctx)
@@ -147,9 +151,22 @@ def test_adapters_and_hooks_added_after_the_runner_are_not_skipped():
 
     unet2 = tiny_bundle("sd1").unet.eval()
     runner2 = UNetRunner(unet2)
+    runner2.eager_calls = 0
     with torch.no_grad():
         runner2(x, t, ctx)
         unet2.conv_out.register_forward_hook(lambda m, i, o: o + 1.0)
         runner2.refresh()
         hooked = runner2(x, t, ctx)
         torch.testing.assert_close(hooked, reference(unet2, x, t, ctx, None))
+
+
+def test_a_one_off_image_runs_untraced_and_repeated_shapes_get_traced():
+    unet = tiny_bundle("sd1").unet.eval()
+    runner = UNetRunner(unet)
+    x, t, ctx, _ = inputs(unet, "sd1")
+    with torch.no_grad():
+        for _ in range(runner.eager_calls):
+            torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
+        assert not runner.traces  # a 20-step image of one shape never pays for a trace
+        torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
+    assert len(runner.traces) == 1
