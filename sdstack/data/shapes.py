@@ -362,6 +362,15 @@ def seeded_rng(*parts) -> random.Random:
 DETAIL_WIDTHS = (1.0, 3.0)  # the band widths (pixels at 64x64) of ShapesWorld's detail images
 
 
+def check_detail(share: float, widths) -> None:
+    """UserError unless 0 <= share <= 1 and widths is (min, max) pixels with 0 < min <= max."""
+    if not 0.0 <= share <= 1.0:
+        raise UserError(f"detail_share must lie in [0, 1], got {share}", field="detail_share")
+    if len(widths) != 2 or not 0 < widths[0] <= widths[1]:
+        raise UserError(f"detail_widths must be [min, max] pixels with 0 < min <= max, got {list(widths)}",
+                        field="detail_widths")
+
+
 class ShapesWorld:
     """An endless, indexable dataset of (image, caption, scene); `sample(i)` depends only on (seed, split, i) and
     the kind weights (how often each KIND_WEIGHTS kind of caption is drawn; the default is KIND_WEIGHTS)."""
@@ -370,8 +379,7 @@ class ShapesWorld:
                  kind_weights: tuple[float, ...] | None = None, detail_share: float = 0.0,
                  detail_widths: tuple[float, float] = DETAIL_WIDTHS):
         self.resolution = check_resolution(resolution)
-        if not 0.0 <= detail_share <= 1.0:
-            raise UserError(f"detail_share must lie in [0, 1], got {detail_share}", field="detail_share")
+        check_detail(detail_share, detail_widths)
         self.detail_share, self.detail_widths = detail_share, tuple(detail_widths)
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}", field="split")

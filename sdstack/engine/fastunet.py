@@ -49,14 +49,10 @@ class _Fused:
         return self.value
 
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
-
-
 class _Resnet:
-    def __init__(self, block, temb_slice: slice | None):
+    def __init__(self, block):
         self.b = block
-        self.temb_slice = temb_slice
+        self.temb_slice = slice(0)  # its columns of the fused time-embedding projection (set by FastUNet)
 
     @staticmethod
     def supported(block) -> bool:
@@ -199,7 +195,7 @@ class FastUNet:
         resnets = []
 
         def res(block):
-            r = _Resnet(block, None)
+            r = _Resnet(block)
             resnets.append(r)
             return r
 
@@ -225,55 +221,56 @@ class FastUNet:
     @classmethod
     def build(cls, unet) -> "FastUNet | None":
         """A FastUNet for `unet`, or None where its layout is not one this forward reproduces exactly."""
-        try:
-            from diffusers import UNet2DConditionModel
-        except ImportError:  # pragma: no cover
-            return None
+        return cls(unet) if cls.supports(unet) else None
+
+    @staticmethod
+    def supports(unet) -> bool:
+        """Whether this forward reproduces `unet` exactly (layout, attention processors, no adapters or hooks)."""
+        from diffusers import UNet2DConditionModel
+
         if not _plain(unet, UNet2DConditionModel):
-            return None
+            return False
         from torch.nn.modules import module as nn_module
 
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-            return None
+            return False
         if any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules()):
-            return None  # a hook anywhere: the traced graph would skip it
+            return False  # a hook anywhere: the traced graph would skip it
         c = unet.config
         if (c.class_embed_type is not None or c.addition_embed_type not in (None, "text_time")
                 or c.time_cond_proj_dim is not None or c.encoder_hid_dim_type is not None
                 or c.center_input_sample or unet.time_embed_act is not None
                 or c.resnet_time_scale_shift != "default" or unet.conv_act is None
                 or unet.conv_norm_out is None):
-            return None
+            return False
         if not isinstance(unet.conv_act, torch.nn.SiLU):
-            return None
+            return False
         try:
             for blk in unet.down_blocks:
                 name = type(blk).__name__
                 if name not in _DOWN or (blk.downsamplers and not all(_downsample_ok(d) for d in blk.downsamplers)):
-                    return None
+                    return False
                 if not all(_Resnet.supported(r) for r in blk.resnets):
-                    return None
+                    return False
                 if not all(_Transformer.supported(a) for a in getattr(blk, "attentions", [])):
-                    return None
+                    return False
             mid = unet.mid_block
             if type(mid).__name__ not in _MID or not all(_Resnet.supported(r) for r in mid.resnets):
-                return None
+                return False
             if not all(_Transformer.supported(a) for a in mid.attentions):
-                return None
+                return False
             for blk in unet.up_blocks:
                 if type(blk).__name__ not in _UP or (blk.upsamplers and not all(_upsample_ok(u) for u in blk.upsamplers)):
-                    return None
-                if getattr(blk, "resolution_idx", None) is not None and getattr(blk, "is_freeu_enabled", False):
-                    return None
+                    return False
                 if any(getattr(blk, k, None) for k in ("s1", "s2", "b1", "b2")):  # FreeU
-                    return None
+                    return False
                 if not all(_Resnet.supported(r) for r in blk.resnets):
-                    return None
+                    return False
                 if not all(_Transformer.supported(a) for a in getattr(blk, "attentions", [])):
-                    return None
+                    return False
         except AttributeError:
-            return None
-        return cls(unet)
+            return False
+        return True
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                  added_cond_kwargs: dict | None = None) -> torch.Tensor:
@@ -302,7 +299,7 @@ class FastUNet:
         for a, r in rest:
             h = r(a(h, context), temb_all)
 
-        for i, (resnets, attns, ups) in enumerate(self.up):
+        for resnets, attns, ups in self.up:
             for r, a in zip(resnets, attns):
                 h = r(torch.cat([h, skips.pop()], dim=1), temb_all)
                 if a is not None:
@@ -355,8 +352,9 @@ class UNetRunner:
     """The UNet call of sampling: `runner(x, t, context, added_cond_kwargs)` -> the model output.
 
     For a small UNet on a CPU it runs `FastUNet`: untraced for the first EAGER_CALLS calls of an input shape and
-    dtype, then traced (`torch.jit.trace`, about 0.13 s for shapes-v1) so that each later call runs without Python; the traces bake the weights in, so `refresh()`
-    (called before each sampling run) drops them when any UNet tensor has changed. Anything else (a large model,
+    dtype, then traced (`torch.jit.trace`, about 0.13 s for shapes-v1) so that each later call runs without
+    Python; the traces bake the weights in, so `refresh()` (called before each sampling run) drops them when any
+    UNet tensor has changed. Anything else (a large model,
     a GPU, gradients on, a layout FastUNet does not reproduce, a failed trace) runs the model's own forward."""
 
     def __init__(self, unet, enabled: bool | None = None):
@@ -378,13 +376,13 @@ class UNetRunner:
         cost ~0.5 ms of a ~23 ms shapes-v1 step, and nothing changes the weights within a run."""
         params = list(self.unet.parameters()) + list(self.unet.buffers())
         small = sum(p.numel() for p in params) < SMALL_UNET_PARAMS
-        fresh = FastUNet.build(self.unet) if self.enabled and small else None
-        key = tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params)
-        if fresh is None:
+        if not (self.enabled and small and FastUNet.supports(self.unet)):
             self.fast, self.weights_key = None, None
             self.traces.clear()
-        elif self.fast is None or key != self.weights_key:
-            self.fast, self.weights_key = fresh, key
+            return
+        key = tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params)
+        if self.fast is None or key != self.weights_key:
+            self.fast, self.weights_key = FastUNet(self.unet), key
             self.traces.clear()
 
     def usable(self, x: torch.Tensor) -> bool:

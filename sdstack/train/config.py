@@ -274,12 +274,12 @@ def validate(cfg) -> None:
             check_kind_weights(data.kind_weights)
         except UserError as e:
             raise UserError(f"config: data.{e}", field="data.kind_weights") from None
-    if not 0.0 <= data.detail_share <= 1.0:
-        raise UserError(f"config: data.detail_share must lie in [0, 1], got {data.detail_share}",
-                        field="data.detail_share")
-    if len(data.detail_widths) != 2 or not 0 < data.detail_widths[0] <= data.detail_widths[1]:
-        raise UserError(f"config: data.detail_widths must be [min, max] pixels with 0 < min <= max, got "
-                        f"{list(data.detail_widths)}", field="data.detail_widths")
+    from ..data.shapes import check_detail
+
+    try:
+        check_detail(data.detail_share, data.detail_widths)
+    except UserError as e:
+        raise UserError(f"config: data.{e}", field=f"data.{e.field}") from None
     if data.source == "folder" and not data.path:
         raise UserError("config: data.path is required when data.source = \"folder\"", field="data.path")
     if data.source == "folder" and not Path(data.path).is_dir():

@@ -73,8 +73,3 @@ def load_vae_folder(folder):
     if path is None:
         raise UserError(f"no VAE (config.json + safetensors) in {folder}")
     return AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32)
-
-
-def check_vae_folder(folder, resolution: int = 64, per_suite: int | None = None) -> dict:
-    """Load a VAE folder (or a model / autoencoder run folder with vae/) and score its round trip."""
-    return oracle_round_trip(load_vae_folder(folder), per_suite=per_suite, resolution=resolution)

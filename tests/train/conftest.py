@@ -52,3 +52,14 @@ def tiny_t2i_config(out, vae, **run):
                             ema=EMAConfig(decay=0.9), sample=SampleConfig(prompts=("a red circle",), seeds=(1,),
                                                                           steps=3),
                             vae=str(vae))
+
+
+def cli(*args):
+    """Run `sdstack ARGS` in-process; its exit code (0 when it returns)."""
+    from sdstack.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0

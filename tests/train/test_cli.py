@@ -10,19 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdstack.cli import main
 
-from .conftest import tiny_t2i_config
+from .conftest import cli, tiny_t2i_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def cli(*args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def _error_line(capsys):

@@ -46,14 +46,7 @@ def test_concept_round_trip_is_the_ceiling_of_fine_tuning():
 
 
 def test_check_vae_cli_reports_concepts_and_refuses_unknown_ones(tiny_vae_dir, capsys):
-    from sdstack.cli import main
-
-    def cli(*args):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as e:
-            return e.code
-        return 0
+    from .conftest import cli
 
     assert cli("train", "check-vae", tiny_vae_dir, "--resolution", "32", "--per-suite", "1", "--concept", "outline",
                "--min-score", "0") == 0
