@@ -75,10 +75,14 @@ class AutoencoderModule(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, transform=None):
+        """`transform(z) -> z` (no gradient) replaces latents before decoding (decoder-only stages)."""
         post = self.vae.encode(x).latent_dist
         noise = torch.randn(post.mean.shape, generator=generator, dtype=torch.float32).to(post.mean)
         z = post.mean + post.std * noise
+        if transform is not None:
+            with torch.no_grad():
+                z = transform(z.detach())
         return self.vae.decode(z).sample, post.mean, post.logvar
 
 
@@ -114,6 +118,38 @@ def gradient_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((dx(recon) - dx(target)).abs().mean() + (dy(recon) - dy(target)).abs().mean())
 
 
+class ModelEstimates:
+    """The latents a diffusion model samples, for a decoder to learn (`loss.denoise_*`): the encoder's latent
+    noised to a timestep in `denoise_t` and denoised once, guided, through the engine's own denoiser (the same
+    CFG, CFG rescale and UNet path as `sdstack generate`, whose last step returns such an estimate)."""
+
+    def __init__(self, loss_cfg, device):
+        from ..models.loader import load_model
+
+        self.cfg = loss_cfg
+        self.bundle = load_model(loss_cfg.denoise_model, device=device)
+        self.scale = float(self.bundle.vae.config.scaling_factor)
+        self.bundle.vae = None  # only the UNet and text encoder are used; the decoder in training is ours
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        from ..engine.guidance import CFGDenoiser
+        from ..prompts.conditioning import TextConditioner
+
+        text = TextConditioner(self.bundle)  # a fresh cache per batch: world captions rarely repeat
+        never = 10**9  # one schedule entry for every step
+        pos = [[(1.0, [(never, text(c))])] for c in captions]
+        neg = [[(never, text(""))] for _ in captions]
+        denoiser = CFGDenoiser(self.bundle, pos, neg, self.cfg.denoise_cfg, rescale=-1)
+        lo, hi = self.cfg.denoise_t
+        t = torch.randint(lo, hi + 1, (z.shape[0],), generator=generator).float()
+        sigma = denoiser.inner.schedule.t_to_sigma(t).to(z.device)
+        eps = torch.randn(z.shape, generator=generator).to(z)
+        x0 = z.float() * self.scale
+        noisy = x0 + sigma.reshape(-1, 1, 1, 1) * eps  # k-diffusion convention: x = x0 + sigma * eps
+        return (denoiser(noisy, sigma).float() / self.scale).to(z.dtype)
+
+
 class AutoencoderTask(Task):
     def __init__(self, cfg: AutoencoderConfig):
         self.cfg = cfg
@@ -131,7 +167,19 @@ class AutoencoderTask(Task):
 
     def loss(self, model, batch, generator):
         x = batch["pixels"].to(self.device)
-        recon, mean, logvar = model(x, generator)
+        transform = None
+        share = self.cfg.loss.denoise_share
+        if share > 0:
+            pick = (torch.rand(x.shape[0], generator=generator) < share).tolist()
+            idx = [i for i, p in enumerate(pick) if p]
+            if idx:
+                captions = [batch["captions"][i] for i in idx]
+
+                def transform(z):
+                    z = z.clone()
+                    z[idx] = self.estimates(z[idx], captions, generator)
+                    return z
+        recon, mean, logvar = model(x, generator, transform)
         rec, logs = reconstruction_loss(recon, x, self.cfg.loss)
         kl = 0.5 * (mean.float().square() + logvar.float().exp() - 1 - logvar.float()).mean()
         logs["kl"] = float(kl.detach())
@@ -139,6 +187,7 @@ class AutoencoderTask(Task):
 
     def setup(self, accelerator):
         self.device = accelerator.device
+        self.estimates = ModelEstimates(self.cfg.loss, self.device) if self.cfg.loss.denoise_share > 0 else None
 
     def _sample_images(self) -> list:
         data = TrainingImages(self.cfg.data)

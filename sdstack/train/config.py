@@ -94,6 +94,16 @@ class AutoencoderLossConfig:
     l1_weight: float = 1.0
     grad_weight: float = 0.0  # L1 between the image gradients (finite differences) of output and target: corners
     train_encoder: bool = True  # false: only the decoder trains (fine-tuning a decoder)
+    # Decoder-only stages: teach the decoder the latents a diffusion model actually produces. A sampled image's
+    # last latent is the model's guided one-step estimate of the clean latent at the last step's noise level
+    # (t ~ 50 of 1000 for 20 steps), which lies off the encoder's manifold. For a share of each batch the
+    # encoder's latent is noised to a timestep in denoise_t, denoised once by `denoise_model` (its UNet and text
+    # encoder, the batch's captions, CFG denoise_cfg with the engine's automatic CFG rescale), and the decoder
+    # learns to draw the original image from that estimate.
+    denoise_model: str = ""  # a model folder whose UNet was trained on this VAE's latents ("" = off)
+    denoise_share: float = 0.0  # share of each batch decoded from the model's estimate
+    denoise_t: tuple[int, int] = (20, 100)  # timestep range (inclusive) the estimate is taken at
+    denoise_cfg: float = 7.0
 
 
 @dataclass
@@ -284,6 +294,8 @@ def validate(cfg) -> None:
         raise UserError("config: data.path is required when data.source = \"folder\"", field="data.path")
     if data.source == "folder" and not Path(data.path).is_dir():
         raise UserError(f"config: data folder not found: {data.path}", field="data.path")
+    if isinstance(cfg, AutoencoderConfig):
+        _check_denoise(cfg.loss)
     if isinstance(cfg, Text2ImageConfig):
         n = cfg.noise
         _check_choice(n.prediction_type, PREDICTION_TYPES, "noise.prediction_type")
@@ -299,6 +311,26 @@ def validate(cfg) -> None:
                             "unet.addition_embed_type_num_heads", field="unet.addition_embed_type_num_heads")
         if not cfg.vae:
             raise UserError("config: vae (the trained autoencoder folder) is required", field="vae")
+
+
+def _check_denoise(loss: AutoencoderLossConfig) -> None:
+    if not 0.0 <= loss.denoise_share <= 1.0:
+        raise UserError(f"config: loss.denoise_share must be from 0 to 1, got {loss.denoise_share}",
+                        field="loss.denoise_share")
+    if loss.denoise_share == 0:
+        return
+    if not loss.denoise_model:
+        raise UserError("config: loss.denoise_share needs loss.denoise_model (a model folder)", field="loss.denoise_model")
+    if loss.train_encoder:
+        raise UserError("config: loss.denoise_share needs loss.train_encoder = false (the model was trained on the "
+                        "frozen encoder's latents)", field="loss.train_encoder")
+    lo, hi = loss.denoise_t
+    if not 0 <= lo <= hi <= 999:
+        raise UserError(f"config: loss.denoise_t must be [low, high] with 0 <= low <= high <= 999, got {[lo, hi]}",
+                        field="loss.denoise_t")
+    if not (Path(loss.denoise_model) / "model_index.json").is_file():
+        raise UserError(f"config: loss.denoise_model: no model folder (model_index.json) at {loss.denoise_model}",
+                        field="loss.denoise_model")
 
 
 def load_config(path: str | Path, cls):
