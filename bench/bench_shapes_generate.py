@@ -13,7 +13,8 @@ sampling, VAE decode, to a PIL image (infotext included on sdstack's side).
 
 Prints the median seconds per image over --repeats runs after --warmup runs, for diffusers fp32, sdstack fp32,
 sdstack fp32 with its UNet fast path off (engine/fastunet.py: a lean forward of the same arithmetic, traced once
-per shape; SDSTACK_FAST_UNET=0), and sdstack with its speed options (engine/perf.py: channels_last, and bf16 weights where the CPU has native
+per shape; SDSTACK_FAST_UNET=0), sdstack fp32 with the fast path but without the half split (a batch's two halves
+on two threads of one intra-op thread each; SDSTACK_UNET_SPLIT=0), and sdstack with its speed options (engine/perf.py: channels_last, and bf16 weights where the CPU has native
 bf16), each with the ratio sdstack/diffusers. The issue's goal: sdstack fp32 <= 0.6x diffusers' time.
 Runs are interleaved (diffusers, sdstack, diffusers, ...) so a background load hits both sides alike.
 Exit status 1 if any run fails or produces no image.
@@ -144,13 +145,19 @@ def run(args, work: Path) -> int:
     def run_plain():
         return generate(plain, params).images
 
+    whole = load_model(folder)  # fast path on, but every UNet batch on the caller's thread (no half split)
+    whole._unet_runner = UNetRunner(whole.unet, split=False)
+
+    def run_whole():
+        return generate(whole, params).images
+
     # (variant, s/img, diffusers s/img measured interleaved with it); the casts are one way, so the fast
     # variants come after fp32, each paired with fresh diffusers runs
-    t = median_interleaved({"diffusers": run_diffusers, "sdstack": run_sdstack, "plain": run_plain}, args.warmup,
-                           args.repeats)
+    t = median_interleaved({"diffusers": run_diffusers, "sdstack": run_sdstack, "plain": run_plain,
+                            "whole": run_whole}, args.warmup, args.repeats)
     t_diff = t["diffusers"]
     rows = [("diffusers fp32", t_diff, t_diff), ("sdstack fp32", t["sdstack"], t_diff),
-            ("sdstack fp32, fast path off", t["plain"], t_diff)]
+            ("sdstack fp32, no half split", t["whole"], t_diff), ("sdstack fp32, fast path off", t["plain"], t_diff)]
     if not args.no_fast:
         fast = [("sdstack fp32 channels_last", torch.float32)]
         if cpu_supports_bf16() or torch.cuda.is_available():

@@ -18,6 +18,10 @@ caller then uses the model's own forward. Tests compare both on SD 1.x, 2.x and 
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -341,11 +345,94 @@ MAX_TRACES = 4  # traced graphs kept per UNet (one per input shape and dtype)
 EAGER_CALLS = 20
 
 
-def fast_path_enabled() -> bool:
-    """SDSTACK_FAST_UNET=0 turns the fast path off (the model's own forward everywhere)."""
+def _env_on(name: str) -> bool:
     import os
 
-    return os.environ.get("SDSTACK_FAST_UNET", "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fast_path_enabled() -> bool:
+    """SDSTACK_FAST_UNET=0 turns the fast path off (the model's own forward everywhere)."""
+    return _env_on("SDSTACK_FAST_UNET")
+
+
+def _signature(args) -> tuple:
+    return tuple((a.shape, a.dtype) for a in args)
+
+
+class HalfWorkers:
+    """Two threads that run the two halves of a batch through a traced UNet at once, each with half of the
+    process's intra-op threads.
+
+    Why: a small UNet's operations are too small for intra-op threads to pay: on 2 cores a shapes-v1 call at batch 2
+    (cond + uncond) took 23.8 ms with 2 intra-op threads, and its two halves on two threads of one intra-op thread
+    each 20.6-21.1 ms (measured together). A traced graph runs without the GIL, so the halves do run in parallel.
+    Each worker sets its own thread count once (`_limit_this_thread`)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.each = max(1, threads // 2)
+        self.inbox = [queue.Queue(), queue.Queue()]
+        ready = threading.Barrier(3)
+        for q in self.inbox:
+            threading.Thread(target=self._loop, args=(q, ready), daemon=True, name="sdstack-unet-half").start()
+        ready.wait()
+        # torch.set_num_threads also sets ATen's default for threads that start later: a short-lived thread sets it
+        # back (calling it on the caller's own thread, whose OpenMP team is running, slowed that thread 1.5-2x)
+
+    def _loop(self, inbox, ready) -> None:
+        _limit_this_thread(self.each)
+        torch._C._set_graph_executor_optimize(False)  # per thread, as optimized_execution(False) is for the caller
+        ready.wait()
+        while True:
+            fn, args, outbox = inbox.get()
+            try:
+                with torch.no_grad():
+                    outbox.put(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
+                outbox.put(e)
+
+    def run(self, fn, lo: tuple, hi: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [queue.Queue(), queue.Queue()]
+        for inbox, args, out in zip(self.inbox, (lo, hi), outs):
+            inbox.put((fn, args, out))
+        results = [out.get() for out in outs]
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results[0], results[1]
+
+
+def _limit_this_thread(n: int) -> None:
+    """Run this thread's ATen operations on n intra-op threads without changing other threads' count.
+
+    torch.set_num_threads(n) would also make n ATen's default for threads that start later (a server's job thread
+    would then run everything on one thread), and setting that default back from any thread made the workers and
+    the caller 1.3-2x slower (measured). So where torch's own OpenMP and MKL libraries are found, only this thread's
+    OpenMP and MKL counts are set, after ATen's per-thread set-up (which would overwrite them)."""
+    torch.get_num_threads()  # ATen's lazy per-thread set-up, now
+    try:
+        import ctypes
+
+        lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        ctypes.CDLL(os.path.join(lib, "libgomp.so.1")).omp_set_num_threads(ctypes.c_int(n))
+        if torch.backends.mkl.is_available():
+            ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so")).MKL_Set_Num_Threads_Local(ctypes.c_int(n))
+    except (OSError, AttributeError):  # another build (no bundled libgomp, or MKL not exported): the torch way
+        torch.set_num_threads(n)
+
+
+_HALF_WORKERS: dict[int, HalfWorkers] = {}
+_HALF_LOCK = threading.Lock()
+
+
+def half_workers(threads: int) -> HalfWorkers:
+    """The process's HalfWorkers for this intra-op thread count (made once per count)."""
+    with _HALF_LOCK:
+        w = _HALF_WORKERS.get(threads)
+        if w is None:
+            w = _HALF_WORKERS[threads] = HalfWorkers(threads)
+        return w
 
 
 class UNetRunner:
@@ -357,7 +444,7 @@ class UNetRunner:
     UNet tensor has changed. Anything else (a large model,
     a GPU, gradients on, a layout FastUNet does not reproduce, a failed trace) runs the model's own forward."""
 
-    def __init__(self, unet, enabled: bool | None = None):
+    def __init__(self, unet, enabled: bool | None = None, split: bool | None = None):
         self.unet = unet
         self.enabled = fast_path_enabled() if enabled is None else enabled
         self.fast: FastUNet | None = None
@@ -366,6 +453,8 @@ class UNetRunner:
         self.trace_ok = True
         self.eager_calls = EAGER_CALLS
         self.calls: dict = {}  # input signature -> calls so far (kept across refresh: it measures use)
+        # traced calls of an even batch run as two halves on two threads (HalfWorkers); SDSTACK_UNET_SPLIT=0: off
+        self.split = _env_on("SDSTACK_UNET_SPLIT") if split is None else split
         self.refresh()
 
     def refresh(self) -> None:
@@ -397,22 +486,37 @@ class UNetRunner:
             return self.fast(x, t, context, added_cond_kwargs)
         extra = () if added_cond_kwargs is None else (added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"])
         args = (x, t, context, *extra)
-        sig = tuple((a.shape, a.dtype) for a in args)
-        fn = self.traces.get(sig)
-        if fn is None:
+        sig = _signature(args)
+        if sig not in self.traces:
             seen = self.calls[sig] = self.calls.get(sig, 0) + 1
             if seen <= self.eager_calls:
                 return self.fast(x, t, context, added_cond_kwargs)
-            fn = self._trace(args)
-            if fn is None:
-                return self.fast(x, t, context, added_cond_kwargs)
-            if len(self.traces) >= MAX_TRACES:
-                self.traces.pop(next(iter(self.traces)))
-            self.traces[sig] = fn
+        threads = torch.get_num_threads()
+        if self.split and x.shape[0] % 2 == 0 and threads >= 2:
+            half = x.shape[0] // 2
+            lo, hi = tuple(a[:half] for a in args), tuple(a[half:] for a in args)
+            fn = self._traced(_signature(lo), lo)
+            if fn is not None:
+                return torch.cat(half_workers(threads).run(fn, lo, hi))
+        fn = self._traced(sig, args)
+        if fn is None:
+            return self.fast(x, t, context, added_cond_kwargs)
         # the graph executor's optimising passes (profiling runs, fusion) cost ~0.3 s in the first two calls and
         # gain nothing measurable here (21.9 against 22.0 ms a shapes-v1 step)
         with torch.jit.optimized_execution(False):
             return fn(*args)
+
+    def _traced(self, sig, args):
+        """The trace for this input signature, made now if missing (None if tracing failed)."""
+        fn = self.traces.get(sig)
+        if fn is None and self.trace_ok:
+            fn = self._trace(args)
+            if fn is None:
+                return None
+            if len(self.traces) >= MAX_TRACES:
+                self.traces.pop(next(iter(self.traces)))
+            self.traces[sig] = fn
+        return fn
 
     def _trace(self, args):
         import warnings
@@ -427,7 +531,9 @@ class UNetRunner:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent branches; DeprecationWarning
                 with torch.jit.optimized_execution(False):
-                    return torch.jit.trace(run, args, check_trace=False)
+                    traced = torch.jit.trace(run, args, check_trace=False)
+                    traced(*args)  # its first run (plan set-up) here, before any worker threads share it
+                    return traced
         except Exception as e:  # noqa: BLE001 - any tracing failure falls back to the untraced fast forward
             import logging
 

@@ -170,3 +170,50 @@ def test_a_one_off_image_runs_untraced_and_repeated_shapes_get_traced():
         assert not runner.traces  # a 20-step image of one shape never pays for a trace
         torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
     assert len(runner.traces) == 1
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_half_split_equals_the_whole_batch(family, two_threads):
+    unet = tiny_bundle(family).unet.eval()
+    x, t, ctx, added = inputs(unet, family)
+    want = reference(unet, x, t, ctx, added)
+    outs = {}
+    for split in (True, False):
+        runner = UNetRunner(unet, split=split)
+        runner.eager_calls = 0
+        with torch.no_grad():
+            outs[split] = runner(x, t, ctx, added)
+        batches = {sig[0][0][0] for sig in runner.traces}
+        assert batches == ({1} if split else {2}), "the split run traces the half batch, the other the whole"
+    for got in outs.values():
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_half_workers_keep_the_callers_thread_counts(two_threads):
+    import threading
+
+    from sdstack.engine.fastunet import HalfWorkers
+
+    workers = HalfWorkers(2)
+    assert torch.get_num_threads() == 2
+    seen = []
+    th = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    th.start()
+    th.join()
+    assert seen == [2], "a thread started later must keep ATen's default"
+    counts = workers.run(lambda: torch.tensor(torch.get_num_threads()), (), ())
+    assert [int(c) for c in counts] == [1, 1]
+
+    def boom():
+        raise ValueError("half failed")
+
+    with pytest.raises(ValueError, match="half failed"):
+        workers.run(boom, (), ())
