@@ -426,6 +426,17 @@ _HALF_WORKERS: dict[int, HalfWorkers] = {}
 _HALF_LOCK = threading.Lock()
 
 
+def _forget_workers_in_child() -> None:
+    """A forked child has none of the parent's threads: it makes its own workers if it needs them."""
+    global _HALF_LOCK
+    _HALF_WORKERS.clear()
+    _HALF_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers_in_child)
+
+
 def half_workers(threads: int) -> HalfWorkers:
     """The process's HalfWorkers for this intra-op thread count (made once per count)."""
     with _HALF_LOCK:

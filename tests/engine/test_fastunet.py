@@ -217,3 +217,24 @@ def test_half_workers_keep_the_callers_thread_counts(two_threads):
 
     with pytest.raises(ValueError, match="half failed"):
         workers.run(boom, (), ())
+
+
+def test_a_forked_child_makes_its_own_half_workers(two_threads):
+    import multiprocessing
+
+    from sdstack.engine import fastunet
+
+    fastunet.half_workers(2)  # the parent's
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        # in the child the parent's worker threads do not exist: a run must not wait on them forever
+        got = pool.apply_async(_child_half_run).get(timeout=60)
+    assert got == [1, 1]
+
+
+def _child_half_run():
+    import torch as t
+
+    from sdstack.engine import fastunet
+
+    return [int(c) for c in fastunet.half_workers(2).run(lambda: t.tensor(t.get_num_threads()), (), ())]
