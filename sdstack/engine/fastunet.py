@@ -36,7 +36,11 @@ def _plain(module, cls) -> bool:
 
 
 class _Fused:
-    """Concatenations of several weight tensors, rebuilt when any source changes."""
+    """A concatenation of several weight tensors, kept up to date with them.
+
+    When a source changes in place (its version counter: a LoRA merge, an optimizer step) the concatenation is
+    rewritten in place too, so traced graphs, which hold this very tensor, see the change without being traced
+    again; only a new storage, dtype or shape makes a new tensor (and the runner then drops its traces)."""
 
     def __init__(self, parts: list[torch.Tensor | None]):
         self.parts = parts
@@ -48,7 +52,12 @@ class _Fused:
             return None
         key = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parts)
         if key != self.key:
-            self.value = torch.cat([p.detach() for p in self.parts], dim=0)
+            with torch.no_grad():
+                fresh = torch.cat([p.detach() for p in self.parts], dim=0)
+                if self.value is not None and self.value.shape == fresh.shape and self.value.dtype == fresh.dtype:
+                    self.value.copy_(fresh)
+                else:
+                    self.value = fresh
             self.key = key
         return self.value
 
@@ -221,6 +230,17 @@ class FastUNet:
         projs = [r.b.time_emb_proj for r in resnets]
         self.temb_w = _Fused([p.weight for p in projs])
         self.temb_b = _Fused([p.bias for p in projs])
+        attentions = [a for tr in self._transformers() for _, a1, a2 in tr.blocks for a in (a1, a2) if a is not None]
+        self.fused = [self.temb_w, self.temb_b] + [a.qkv if a.self_attention else a.kv for a in attentions]
+
+    def _transformers(self) -> list:
+        out = [a for _, attns, _ in self.down + self.up for a in attns if a is not None]
+        return out + [a for a, _ in self.mid[1]]
+
+    def sync_fused(self) -> None:
+        """Bring every fused weight up to date (in place) with its sources: before a traced call, which reads them."""
+        for f in self.fused:
+            f.get()
 
     @classmethod
     def build(cls, unet) -> "FastUNet | None":
@@ -338,7 +358,10 @@ def _upsample_ok(u) -> bool:
 # ------------------------------------------------------------------------------------------ the runtime wrapper
 
 SMALL_UNET_PARAMS = 50_000_000  # below this a UNet is overhead-bound on a CPU: the fast path pays
-MAX_TRACES = 4  # traced graphs kept per UNet (one per input shape and dtype)
+MAX_TRACES = 4  # traced graphs per UNet layout (one per input shape and dtype); later shapes run untraced
+# (torch.jit keeps every traced function in its global compilation unit for the life of the process, ~10 MB each
+# here, so traces are never evicted and re-made: a decoder-training run that cycled through batch sizes grew to
+# 13 GB that way)
 # calls of one input shape that run untraced before it is traced: a one-off image (20 steps, as `sdstack generate`
 # makes one per process) does not pay the ~0.13 s trace (plus first-call costs); a server, a batch or an eval does
 # from its 21st step of that shape on
@@ -451,8 +474,8 @@ class UNetRunner:
 
     For a small UNet on a CPU it runs `FastUNet`: untraced for the first EAGER_CALLS calls of an input shape and
     dtype, then traced (`torch.jit.trace`, about 0.13 s for shapes-v1) so that each later call runs without
-    Python; the traces bake the weights in, so `refresh()` (called before each sampling run) drops them when any
-    UNet tensor has changed. Anything else (a large model,
+    Python; the traces read the model's own tensors (and fused copies that `refresh()`, called before each sampling
+    run, keeps up to date in place), so weights changed in place need no new trace. Anything else (a large model,
     a GPU, gradients on, a layout FastUNet does not reproduce, a failed trace) runs the model's own forward."""
 
     def __init__(self, unet, enabled: bool | None = None, split: bool | None = None):
@@ -471,19 +494,20 @@ class UNetRunner:
     def refresh(self) -> None:
         """Check the UNet again before a sampling run (engine.guidance calls this; about 2 ms for shapes-v1):
         its layout (adapters injected since, hooks registered) decides between FastUNet and the model's own
-        forward, and the traces are dropped if any tensor changed or was added since they were made (version
-        counter, storage, dtype: a LoRA merge, an optimizer step, a cast). Checking on every call instead would
-        cost ~0.5 ms of a ~23 ms shapes-v1 step, and nothing changes the weights within a run."""
+        forward. Weights changed in place (a LoRA merge, an optimizer step) need nothing more: traced graphs read
+        the model's tensors, and the fused copies are rewritten in place here. A tensor replaced, added or cast
+        (new storage, dtype or identity) rebuilds FastUNet and drops the traces."""
         params = list(self.unet.parameters()) + list(self.unet.buffers())
         small = sum(p.numel() for p in params) < SMALL_UNET_PARAMS
         if not (self.enabled and small and FastUNet.supports(self.unet)):
             self.fast, self.weights_key = None, None
             self.traces.clear()
             return
-        key = tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params)
+        key = tuple((id(p), p.data_ptr(), p.dtype, p.shape) for p in params)
         if self.fast is None or key != self.weights_key:
             self.fast, self.weights_key = FastUNet(self.unet), key
             self.traces.clear()
+        self.fast.sync_fused()
 
     def usable(self, x: torch.Tensor) -> bool:
         return (self.fast is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
@@ -520,12 +544,10 @@ class UNetRunner:
     def _traced(self, sig, args):
         """The trace for this input signature, made now if missing (None if tracing failed)."""
         fn = self.traces.get(sig)
-        if fn is None and self.trace_ok:
+        if fn is None and self.trace_ok and len(self.traces) < MAX_TRACES:
             fn = self._trace(args)
             if fn is None:
                 return None
-            if len(self.traces) >= MAX_TRACES:
-                self.traces.pop(next(iter(self.traces)))
             self.traces[sig] = fn
         return fn
 

@@ -170,8 +170,9 @@ class AutoencoderTask(Task):
         transform = None
         share = self.cfg.loss.denoise_share
         if share > 0:
-            pick = (torch.rand(x.shape[0], generator=generator) < share).tolist()
-            idx = [i for i, p in enumerate(pick) if p]
+            # a fixed number of images a batch (randomly chosen): one UNet input shape, so one traced graph
+            k = round(share * x.shape[0])
+            idx = sorted(torch.randperm(x.shape[0], generator=generator)[:k].tolist())
             if idx:
                 captions = [batch["captions"][i] for i in idx]
 

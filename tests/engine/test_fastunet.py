@@ -52,11 +52,15 @@ def test_traced_runner_equals_eager_and_follows_weight_changes():
         first = runner(x, t, ctx)
         assert len(runner.traces) == 1, "the call should have traced the fast forward"
         torch.testing.assert_close(first, reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
-        # an in-place weight change (as a LoRA merge makes it) must not reach a stale trace after refresh()
+        # an in-place weight change (as a LoRA merge makes it) must reach the trace after refresh(): directly read
+        # weights and the fused q/k/v and time-embedding copies alike, without tracing again
         unet.conv_in.weight.add_(0.05)
-        unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k.weight.mul_(1.5)
+        block = unet.up_blocks[-1].attentions[-1].transformer_blocks[0]
+        block.attn1.to_v.weight.mul_(3)  # in the fused q/k/v weight
+        block.attn2.to_v.weight.mul_(3)  # in the fused cross-attention k/v weight
+        traces = dict(runner.traces)
         runner.refresh()
-        assert not runner.traces
+        assert runner.traces == traces, "an in-place change should not need a new trace"
         second = runner(x, t, ctx)
     want = reference(unet, x, t, ctx, None)
     torch.testing.assert_close(second, want, rtol=1e-4, atol=1e-5)
@@ -238,3 +242,32 @@ def _child_half_run():
     from sdstack.engine import fastunet
 
     return [int(c) for c in fastunet.half_workers(2).run(lambda: t.tensor(t.get_num_threads()), (), ())]
+
+
+def test_traces_are_bounded_and_a_replaced_tensor_is_traced_again(two_threads):
+    """torch.jit keeps every traced function for the life of the process: many shapes and weight changes must not
+    make one trace after another (a training run that did grew to 13 GB)."""
+    from sdstack.engine.fastunet import MAX_TRACES
+
+    unet = tiny_bundle("sd1").unet.eval()
+    runner = UNetRunner(unet)
+    runner.eager_calls = 0
+    cu = torch.jit._state._python_cu
+    before = len(cu.get_functions())
+    with torch.no_grad():
+        for step in range(3):
+            unet.conv_out.bias.add_(0.01)  # in place: no new traces
+            runner.refresh()
+            for h, w in [(16, 16), (8, 16), (16, 8), (8, 8), (24, 8), (8, 24)]:
+                x, t, ctx, _ = inputs(unet, "sd1", h=h, w=w)
+                torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
+        assert len(runner.traces) == MAX_TRACES
+        made = len(cu.get_functions()) - before
+        assert made <= 2 * MAX_TRACES, f"{made} functions for {MAX_TRACES} traces"
+        # a replaced tensor (new storage) is not one the traces read: they are dropped and made again
+        unet.conv_out.weight = torch.nn.Parameter(unet.conv_out.weight.detach() * 0.5, requires_grad=False)
+        runner.refresh()
+        assert not runner.traces
+        x, t, ctx, _ = inputs(unet, "sd1")
+        torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
+        assert len(runner.traces) == 1
