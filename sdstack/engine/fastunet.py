@@ -369,8 +369,6 @@ EAGER_CALLS = 20
 
 
 def _env_on(name: str) -> bool:
-    import os
-
     return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -393,15 +391,12 @@ class HalfWorkers:
     Each worker sets its own thread count once (`_limit_this_thread`)."""
 
     def __init__(self, threads: int):
-        self.threads = threads
         self.each = max(1, threads // 2)
         self.inbox = [queue.Queue(), queue.Queue()]
         ready = threading.Barrier(3)
         for q in self.inbox:
             threading.Thread(target=self._loop, args=(q, ready), daemon=True, name="sdstack-unet-half").start()
         ready.wait()
-        # torch.set_num_threads also sets ATen's default for threads that start later: a short-lived thread sets it
-        # back (calling it on the caller's own thread, whose OpenMP team is running, slowed that thread 1.5-2x)
 
     def _loop(self, inbox, ready) -> None:
         _limit_this_thread(self.each)
