@@ -40,11 +40,14 @@ def snr_weights(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> 
 def diffusion_loss(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
                    alpha_bar: torch.Tensor, *, prediction_type: str, min_snr_gamma: float,
                    generator: torch.Generator, noise_offset: float = 0.0,
-                   sample_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   sample_weights: torch.Tensor | None = None,
+                   timesteps: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw timesteps and noise from `generator` (CPU; in this order), run `predict(noisy, t)` and return the
-    weighted mean loss and the unweighted per-sample MSE."""
+    weighted mean loss and the unweighted per-sample MSE. `timesteps` = (lo, hi): t uniform in [lo, hi) (kohya's
+    --min_timestep / --max_timestep); default every timestep."""
     b, device = x0.shape[0], x0.device
-    t = torch.randint(0, len(alpha_bar), (b,), generator=generator)
+    lo, hi = timesteps or (0, len(alpha_bar))
+    t = torch.randint(lo, hi, (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=generator).to(device)

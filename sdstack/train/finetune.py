@@ -238,6 +238,11 @@ class FinetuneTask(Task):
         if cfg.noise.prediction_type:
             b.prediction_type = cfg.noise.prediction_type
         self.alpha_bar = training_alphas(b.schedule).float()
+        n = cfg.noise
+        if n.max_timestep > len(self.alpha_bar):
+            raise UserError(f"config: noise.max_timestep ({n.max_timestep}) is above the model's "
+                            f"{len(self.alpha_bar)} training timesteps", field="noise.max_timestep")
+        self.timestep_range = (n.min_timestep, n.max_timestep)
         self.started = time.time()
         self.run_dir = Path(cfg.run.out)
         if cfg.prior_preservation:
@@ -441,7 +446,8 @@ class FinetuneTask(Task):
         loss, per_sample = diffusion_loss(lambda noisy, t: model(noisy, t, text, time_ids), x0, self.alpha_bar,
                                           prediction_type=self.bundle.prediction_type,
                                           min_snr_gamma=n.min_snr_gamma, generator=generator,
-                                          noise_offset=n.noise_offset, sample_weights=sample_weights)
+                                          noise_offset=n.noise_offset, sample_weights=sample_weights,
+                                          timesteps=self.timestep_range)
         return loss, {"mse": float(per_sample.mean())}
 
     def validation_loss(self, model) -> float | None:

@@ -60,6 +60,10 @@ class FinetuneNoise:
     min_snr_gamma: float = 0.0  # 0 = plain MSE
     noise_offset: float = 0.0
     prediction_type: str = ""  # "" = the model's own
+    # timesteps drawn uniformly from [min_timestep, max_timestep) (kohya's --min_timestep / --max_timestep): a style
+    # of fine detail is drawn in the low-noise steps, a composition in the high-noise ones
+    min_timestep: int = 0
+    max_timestep: int = 1000
 
 
 @dataclass
@@ -140,6 +144,9 @@ class FinetuneConfig:
         _check_choice(self.optim.optimizer, OPTIMIZERS, "optim.optimizer")
         if self.noise.prediction_type:
             _check_choice(self.noise.prediction_type, ("epsilon", "v_prediction"), "noise.prediction_type")
+        if not 0 <= self.noise.min_timestep < self.noise.max_timestep:
+            raise UserError(f"config: noise.min_timestep ({self.noise.min_timestep}) must be at least 0 and below "
+                            f"noise.max_timestep ({self.noise.max_timestep})", field="noise.min_timestep")
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self.run, name) < 1:
                 raise UserError(f"config: run.{name} must be at least 1", field=f"run.{name}")

@@ -354,6 +354,9 @@ def _cli(*args) -> int:
     (["--data", "{base}/data", "--set", "lora.nope=1"], "unknown key 'lora.nope'"),
     (["--data", "{base}/data", "--set", "optim.decay='cosinus'"], "optim.decay must be one of"),
     (["--data", "{base}/data", "--rank", "0"], "lora.rank must be at least 1"),
+    (["--data", "{base}/data", "--set", "noise.min_timestep=500", "--set", "noise.max_timestep=500"],
+     "noise.min_timestep (500) must be at least 0 and below noise.max_timestep (500)"),
+    (["--data", "{base}/data", "--set", "noise.max_timestep=1001"], "above the model's 1000 training timesteps"),
     (["--data", "{tmp}/uncaptioned", "--set", "data.require_captions=true"], "have no caption"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_training(base, tmp_path, capsys, extra, needle):

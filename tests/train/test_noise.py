@@ -92,3 +92,34 @@ def test_gradient_loss_sees_blur_that_keeps_the_mean():
     assert float(gradient_loss(x, x)) == 0.0
     # the step of 2 becomes three steps of 2/3: |dx| errors 2/3 + 4/3 + 2/3 over 7 columns, 3 channels, 8 rows
     assert float(gradient_loss(blurred, x)) == pytest.approx(0.5 * (8 / 3) / 7)
+
+
+def test_timestep_range_draws_only_from_it_and_defaults_to_every_timestep():
+    """kohya's --min_timestep / --max_timestep: t uniform in [lo, hi); the default is the whole schedule."""
+    from sdstack.train.diffusion import diffusion_loss
+
+    alpha_bar = torch.linspace(0.999, 0.001, 1000)
+    x0 = torch.randn(64, 4, 2, 2)
+    seen = {}
+
+    def loss_with(key, **kw):
+        seen[key] = []
+
+        def predict(noisy, t):
+            seen[key].append(t.clone())
+            return torch.zeros_like(noisy)
+
+        out = diffusion_loss(predict, x0, alpha_bar, prediction_type="epsilon", min_snr_gamma=0.0,
+                             generator=torch.Generator().manual_seed(3), **kw)
+        seen[key] = torch.cat(seen[key])
+        return out[0]
+
+    loss_with("low", timesteps=(100, 300))
+    assert int(seen["low"].min()) >= 100 and int(seen["low"].max()) < 300
+    assert len(set(seen["low"].tolist())) > 20  # spread over the range, not one value
+    loss_with("one", timesteps=(250, 251))
+    assert set(seen["one"].tolist()) == {250}
+    a = loss_with("default")
+    b = loss_with("all", timesteps=(0, 1000))
+    assert torch.equal(seen["default"], seen["all"]) and float(a) == float(b)
+    assert int(seen["default"].max()) >= 500  # the default reaches the high-noise half
