@@ -48,7 +48,8 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 batch, left = int(sys.argv[2]), float(sys.argv[3])
 a, b = rows[0], rows[-1]  # cumulative img/s at two steps -> the marginal rate between them
 ta, tb = a["step"] * batch / a["img_s"], b["step"] * batch / b["img_s"]
-rate = (b["step"] - a["step"]) / max(1e-6, tb - ta)  # steps per second
+# one row only (PROBE at most one log interval): its cumulative rate, start-up included (a lower bound)
+rate = (b["step"] - a["step"]) / max(1e-6, tb - ta) if len(rows) > 1 else b["img_s"] / batch  # steps per second
 steps = int(0.85 * rate * (left - 60))  # 60 s: start-up and the export after training
 print(max(50, steps))
 print(f"probe: {rate:.2f} steps/s ({rate * batch:.0f} img/s per variant) -> {steps} steps in {left:.0f} s",
