@@ -39,18 +39,8 @@ timeout -s INT 150 "$PY" -m sdstack train text2image "${COMMON[@]}" --out "$RUN-
   --set run.max_steps=100000 --stop-at 100 > "$OUTDIR/probe.log" 2>&1
 echo "probe exit $? after $(( $(date +%s) - T0 )) s"
 if [ ! -s "$RUN-probe/metrics.jsonl" ]; then tail -40 "$OUTDIR/probe.log"; exit 1; fi
-STEPS=$("$PY" - "$RUN-probe/metrics.jsonl" "$BATCH" "$(left)" <<'EOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-batch, left = int(sys.argv[2]), float(sys.argv[3])
-a, b = rows[1], rows[-1]  # cumulative img/s at two steps -> the marginal rate between them
-ta, tb = a["step"] * batch / a["img_s"], b["step"] * batch / b["img_s"]
-rate = (b["step"] - a["step"]) / max(1e-6, tb - ta)  # steps per second
-steps = int(0.85 * rate * (left - 75))  # 75 s: start-up and the export after training
-print(max(200, steps))
-print(f"probe: {rate:.2f} steps/s ({rate * batch:.0f} img/s) -> {steps} steps in {left:.0f} s", file=sys.stderr)
-EOF
-)
+# 75 s: start-up and the export after training; the first logged row (start-up) is left out
+STEPS=$("$PY" scripts/probe_steps.py "$RUN-probe/metrics.jsonl" "$BATCH" "$(left)" 75 200 1)
 echo "training $STEPS steps, $(left) s left"
 fi
 timeout -s INT $(( $(left) - 45 )) "$PY" -m sdstack train text2image "${COMMON[@]}" --out "$RUN" \

@@ -42,20 +42,8 @@ wait
 echo "probes done after $(( $(date +%s) - T0 )) s"
 first=${1%%:*}
 if [ ! -s "$RUN/probe-$first/metrics.jsonl" ]; then tail -30 "$RUN/probe-$first.log"; exit 1; fi
-STEPS=$("$PY" - "$RUN/probe-$first/metrics.jsonl" "$BATCH" "$(left)" <<'EOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-batch, left = int(sys.argv[2]), float(sys.argv[3])
-a, b = rows[0], rows[-1]  # cumulative img/s at two steps -> the marginal rate between them
-ta, tb = a["step"] * batch / a["img_s"], b["step"] * batch / b["img_s"]
-# one row only (PROBE at most one log interval): its cumulative rate, start-up included (a lower bound)
-rate = (b["step"] - a["step"]) / max(1e-6, tb - ta) if len(rows) > 1 else b["img_s"] / batch  # steps per second
-steps = int(0.85 * rate * (left - 60))  # 60 s: start-up and the export after training
-print(max(50, steps))
-print(f"probe: {rate:.2f} steps/s ({rate * batch:.0f} img/s per variant) -> {steps} steps in {left:.0f} s",
-      file=sys.stderr)
-EOF
-)
+# 60 s: start-up and the export after training
+STEPS=$("$PY" scripts/probe_steps.py "$RUN/probe-$first/metrics.jsonl" "$BATCH" "$(left)" 60 50)
 echo "training $STEPS steps per variant, $(left) s left"
 for v in "$@"; do
   IFS=: read -r name share lr <<<"$v"

@@ -242,7 +242,6 @@ class FinetuneTask(Task):
         if n.max_timestep > len(self.alpha_bar):
             raise UserError(f"config: noise.max_timestep ({n.max_timestep}) is above the model's "
                             f"{len(self.alpha_bar)} training timesteps", field="noise.max_timestep")
-        self.timestep_range = (n.min_timestep, n.max_timestep)
         self.started = time.time()
         self.run_dir = Path(cfg.run.out)
         if cfg.prior_preservation:
@@ -447,7 +446,7 @@ class FinetuneTask(Task):
                                           prediction_type=self.bundle.prediction_type,
                                           min_snr_gamma=n.min_snr_gamma, generator=generator,
                                           noise_offset=n.noise_offset, sample_weights=sample_weights,
-                                          timesteps=self.timestep_range)
+                                          timesteps=(n.min_timestep, n.max_timestep))
         return loss, {"mse": float(per_sample.mean())}
 
     def validation_loss(self, model) -> float | None:
