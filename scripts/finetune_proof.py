@@ -93,7 +93,7 @@ def _sdstack(args: list[str], log: Path, threads: int) -> tuple[str, float]:
 def _eval_args(opts, limit: int) -> list[str]:
     args = ["--limit", str(limit), "--seeds", str(opts.seeds)]
     for flag, value in (("--steps", opts.steps), ("--sampler", opts.sampler), ("--scheduler", opts.scheduler),
-                        ("--cfg", opts.cfg)):
+                        ("--cfg", opts.cfg), ("--device", opts.device)):
         if value is not None:
             args += [flag, str(value)]
     return args
@@ -264,6 +264,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", default=None, help="Eval sampler [default: sdstack eval's].")
     ap.add_argument("--scheduler", default=None, help="Eval schedule [default: sdstack eval's].")
     ap.add_argument("--cfg", type=float, default=None, help="Eval CFG scale [default: sdstack eval's].")
+    ap.add_argument("--device", default=None, help="Eval device, e.g. cuda [default: sdstack eval's, cpu]. Training "
+                    "uses a GPU where torch sees one (Accelerate), whatever this says.")
+    ap.add_argument("--base-only", action="store_true",
+                    help="Only the base model's evals and the concept data (a shared start for parallel runs that "
+                         "copy this --out).")
     opts = ap.parse_args(argv)
     methods = [m.strip().replace("-", "_") for m in opts.methods.split(",") if m.strip()]
     concepts = [c.strip() for c in opts.concepts.split(",") if c.strip()]
@@ -286,7 +291,7 @@ def main(argv=None) -> int:
             base_concept[concept] = eval_concept(opts, f"base-{concept}", concept, None, None)["concept_share"]
             data = opts.out / "data" / f"{concept}-r{opts.repeats}"
             concept_dataset(concept, data / f"{opts.repeats}_{opts.token}", n=10, token=opts.token)
-            for method in methods:
+            for method in [] if opts.base_only else methods:
                 row = {"method": method, "concept": concept, **train(opts, method, concept, data)}
                 row.update(eval_concept(opts, row["run"], concept, method, row["result"]))
                 row.update(eval_single(opts, row["run"], method, row["result"]))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdstack.cli import main
@@ -57,11 +58,20 @@ def test_regenerate_from_image(data_dir, tmp_path, capsys):
     (["--model", "/nonexistent/model.safetensors"], "not found"),
     (["--model", "nosuchname"], "unknown model"),
     (["--init-image", "/nonexistent.png"], "init image"),
-])
+    (["--device", "tpu9"], "unknown device"),
+    (["--device", "meta"], "not supported"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]))
 def test_user_errors_exit_2_with_one_line(data_dir, capsys, args, needle):
     assert cli("generate", "x", "--steps", "1", "--data-dir", str(data_dir), *args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_eval_refuses_a_device_it_cannot_use(data_dir, capsys):
+    model = data_dir / "models" / "Stable-diffusion" / "tiny"
+    assert cli("eval", "--model", str(model), "--suite", "single", "--limit", "1", "--device", "cuda:7") == 2
+    err = capsys.readouterr().err.strip()
+    assert ("no CUDA GPU" in err or "GPU(s) here" in err) and len(err.splitlines()) == 1
 
 
 def test_corrupt_model_and_init_image(data_dir, tmp_path, capsys):

@@ -135,7 +135,7 @@ def parse_networks(loras, embeddings) -> EvalNetworks:
 
 
 def run_eval(model, suites, seeds: int, limit: int | None, out, gen: dict,
-             networks: EvalNetworks | None = None) -> list[dict]:
+             networks: EvalNetworks | None = None, device: str = "cpu") -> list[dict]:
     """Generate and score; returns one summary per suite (see sdstack.eval.oracle.evaluate). `networks` (LoRAs,
     embeddings) apply to every image."""
     from ..engine.generate import generate
@@ -147,7 +147,7 @@ def run_eval(model, suites, seeds: int, limit: int | None, out, gen: dict,
 
     networks = networks or EvalNetworks()
     path = _model_path(model)
-    bundle = load_model(path)
+    bundle = load_model(path, device=device)
     summaries = []
     with networks.applied(bundle) as (suffix, extra):
         for name in suites:
@@ -169,7 +169,7 @@ def run_eval(model, suites, seeds: int, limit: int | None, out, gen: dict,
 
 
 def run_concept_eval(model, concept: str, token: str, seeds: int, limit: int | None, out, gen: dict,
-                     networks: EvalNetworks | None = None) -> dict:
+                     networks: EvalNetworks | None = None, device: str = "cpu") -> dict:
     """Generate `limit` (default 100) concept prompts, `seeds` images each, and score them (see
     sdstack.eval.concepts.evaluate_concept); writes 'concept-<concept>.json' and '.png' into `out`. `networks`
     (LoRAs, embeddings) apply to every image."""
@@ -181,7 +181,7 @@ def run_concept_eval(model, concept: str, token: str, seeds: int, limit: int | N
 
     networks = networks or EvalNetworks()
     path = _model_path(model)
-    bundle = load_model(path)
+    bundle = load_model(path, device=device)
     prompts = concept_prompts(concept, token, n=limit or 100)
     with networks.applied(bundle) as (suffix, extra):
         images = [generate(bundle, make_params(prompt=p.prompt + suffix, seed=i * seeds, batch_size=seeds, **gen),
@@ -222,9 +222,12 @@ def _model_path(model):
               "default). Repeatable.")
 @click.option("--embedding", "embeddings", multiple=True, metavar="FILE",
               help="Offer this textual-inversion embedding to the prompts (by its file name). Repeatable.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (the oracle's images are the same "
+              "up to float rounding; the initial noise is drawn on the CPU).")
 def eval_command(model, suites, seeds, limit, out, steps, sampler_name, scheduler, cfg_scale, concept, token, loras,
-                 embeddings):
+                 embeddings, device):
     """Score a model on the shapes benchmark suites with the oracle (GenEval-style), or on a new concept."""
+    from ..models.loader import check_device
     from .concepts import CONCEPTS
     from .report import format_overview, format_table, write_json
     from .suites import SUITE_NAMES
@@ -232,13 +235,14 @@ def eval_command(model, suites, seeds, limit, out, steps, sampler_name, schedule
     if concept is not None and concept not in CONCEPTS:
         raise click.BadParameter(f"unknown concept {concept!r}; valid: {', '.join(CONCEPTS)}", param_hint="--concept")
     networks = parse_networks(loras, embeddings)
+    check_device(device)
     gen = {k: v for k, v in dict(steps=steps, sampler_name=sampler_name, scheduler=scheduler,
                                  cfg_scale=cfg_scale).items() if v is not None}
     summaries = []
     if suites or concept is None:
-        summaries = run_eval(model, list(suites) or list(SUITE_NAMES), seeds, limit, out, gen, networks)
+        summaries = run_eval(model, list(suites) or list(SUITE_NAMES), seeds, limit, out, gen, networks, device)
     if concept is not None:
-        summaries.append(run_concept_eval(model, concept, token, seeds, limit, out, gen, networks))
+        summaries.append(run_concept_eval(model, concept, token, seeds, limit, out, gen, networks, device))
         if out:
             write_json([{k: v for k, v in s.items() if k != "results"} for s in summaries], f"{out}/summary.json")
     for s in summaries:

@@ -119,10 +119,29 @@ def load_vae_file(path: str | Path, like: torch.nn.Module) -> torch.nn.Module:
     return vae.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; a UserError (one line) for a name torch does not know or a GPU this machine
+    lacks, before anything is loaded."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N", field="device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {str(device)!r}: no CUDA GPU is available to this torch build", field="device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) here",
+                            field="device")
+    elif dev.type != "cpu":
+        raise UserError(f"device {str(device)!r} is not supported; use cpu, cuda or cuda:N", field="device")
+    return dev
+
+
 def load_model(path: str | Path, *, vae: str | Path | None = None, prediction_type: str | None = None,
                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                hash_cache: HashCache | None = None) -> ModelBundle:
     """Load a diffusers folder or a single-file checkpoint; `vae` replaces the model's VAE."""
+    device = check_device(device)
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"model not found: {p}")
