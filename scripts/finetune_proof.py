@@ -74,20 +74,24 @@ WRITTEN = re.compile(r"model written to (.+)$", re.MULTILINE)
 
 
 def _sdstack(args: list[str], log: Path, threads: int) -> tuple[str, float]:
-    """Run `sdstack ARGS` in a fresh process; returns (its output, wall seconds). Output also goes to `log`."""
+    """Run `sdstack ARGS` in a fresh process; returns (its output, wall seconds). The output goes to `log` as it
+    comes (a run killed half-way leaves its progress there)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "sdstack", *args]
     log.parent.mkdir(parents=True, exist_ok=True)
     print("$ sdstack " + shlex.join(args), flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w", encoding="utf-8") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    log.write_text("$ " + shlex.join(cmd) + "\n" + proc.stdout, encoding="utf-8")
+    output = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[1]
     if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        tail = "\n".join(output.strip().splitlines()[-15:])
         raise RuntimeError(f"sdstack {args[0]} failed (exit {proc.returncode}); log {log}:\n{tail}")
-    return proc.stdout, seconds
+    return output, seconds
 
 
 def _eval_args(opts, limit: int) -> list[str]:

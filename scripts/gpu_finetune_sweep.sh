@@ -3,11 +3,16 @@
 # training, the concept eval and the single-suite eval, all on the GPU), for a wall-clock budget. The recipe that
 # wins is then run on the CPU for the proof's own numbers (its training time and images/s are the CPU's).
 #
-#   scripts/gpu_finetune_sweep.sh SECONDS OUTDIR VARIANT...     (env: PY, SEEDS=2, PARALLEL=16, DEVICE=cuda,
+#   scripts/gpu_finetune_sweep.sh SECONDS OUTDIR VARIANT...     (env: PY, SEEDS=2, PARALLEL=4, DEVICE=cuda,
 #                                                                EXTRA: more finetune_proof.py flags for every run)
 #   VARIANT = name;method;concept[;KEY=VALUE|--proof-flag=VALUE]...
 #   e.g. scripts/gpu_finetune_sweep.sh 420 /tmp/sweep "te;lora;outline;lora.train_text_encoder=true" \
 #        "te-r10;lora;outline;lora.train_text_encoder=true;--repeats=10"
+#
+# Measured on one H200 (session 12): a single text-encoder LoRA run of the proof trains at 38.7 images/s there (the
+# tiny model is bound by kernel launches: 3.5x one thread of the 2-core CPU), and its 50 class images are drawn on
+# the host CPU before training. Sixteen variants at once did not get through their class images in 400 s, so the
+# default is 4 at a time; for more, share pre-drawn class images (`--set dreambooth.class_dir=DIR`).
 #
 # First a smoke run (10 steps, 2 prompts) stops the script with the log's tail if the GPU path fails; then the base
 # model's evals run once and every variant starts from a copy of them. Writes OUTDIR/results.tar.gz: each variant's
@@ -20,7 +25,7 @@ OUTDIR=${2:?output folder}
 shift 2
 PY=${PY:-python3}
 SEEDS=${SEEDS:-2}
-PARALLEL=${PARALLEL:-16}
+PARALLEL=${PARALLEL:-4}
 DEVICE=${DEVICE:-cuda}
 read -r -a EXTRA <<<"${EXTRA:-}"
 R=${RUN:-/tmp/ft-sweep}
@@ -56,5 +61,6 @@ for v in "$@"; do
   name=${v%%;*}
   if [ -f "$R/$name/proof.md" ]; then tail -n 1 "$R/$name/proof.md"; else echo "$name: no result"; tail -5 "$R/$name.log"; fi
 done
-cd "$R" && tar -czf "$OUTDIR/results.tar.gz" --exclude='*/runs' --exclude='*/data' --exclude='smoke' ./*.log ./*/
+cd "$R" && tar -czf "$OUTDIR/results.tar.gz" --exclude='./*/runs' --exclude='./*/data' --exclude='./*/eval/base*' \
+  --exclude='./smoke' --exclude='./base' ./*.log ./*/
 ls -la "$OUTDIR"

@@ -186,11 +186,12 @@ def check_resolution(resolution: int) -> int:
 
 
 def render_scene(scene: Scene, resolution: int = 64, outline: float = 0.0,
-                 outline_colour: str | tuple[str, ...] = "black") -> Image.Image:
+                 outline_colour: str | tuple[str, ...] = "black", outline_outside: bool = False) -> Image.Image:
     """Draw `scene` as an RGB image, antialiased by drawing SUPERSAMPLE times larger and box-downsampling.
 
     `outline` > 0 (normalised width; the world's captions never use it) draws a band that wide inside each object's
-    edge, in `outline_colour` (a palette name, or one per object).
+    edge (or, with `outline_outside`, around it: the object keeps all of its fill), in `outline_colour` (a palette
+    name, or one per object).
     """
     check_resolution(resolution)
     big = resolution * SUPERSAMPLE
@@ -206,8 +207,11 @@ def render_scene(scene: Scene, resolution: int = 64, outline: float = 0.0,
             continue
         mask = Image.new("L", (big, big), 0)
         ImageDraw.Draw(mask).polygon(polygon, fill=255)
-        image.paste(PALETTE[band], mask=mask)
-        image.paste(PALETTE[obj.colour], mask=mask.filter(ImageFilter.MinFilter(2 * round(outline * big) + 1)))
+        grow = ImageFilter.MaxFilter if outline_outside else ImageFilter.MinFilter
+        band_mask, fill_mask = (mask.filter(grow(2 * round(outline * big) + 1)), mask) if outline_outside else \
+            (mask, mask.filter(grow(2 * round(outline * big) + 1)))
+        image.paste(PALETTE[band], mask=band_mask)
+        image.paste(PALETTE[obj.colour], mask=fill_mask)
     return image.resize((resolution, resolution), Image.Resampling.BOX)
 
 

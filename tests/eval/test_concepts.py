@@ -96,14 +96,14 @@ def _shares(pixels, colours):
     return np.linalg.lstsq(a, np.vstack([np.asarray(pixels, float).T, np.ones(len(pixels))]), rcond=None)[0].T
 
 
-def test_outline_is_a_dark_band_inside_the_objects_edge():
-    scene = Scene("white", (SceneObject("square", "yellow", (0.5, 0.5), 0.25),))  # box: pixels 16 to 48
+def test_outline_is_a_dark_band_around_the_objects_edge():
+    scene = Scene("white", (SceneObject("square", "yellow", (0.5, 0.5), 0.25),))  # box: pixels 16 to 47
     row = _shares(np.asarray(render_concept_scene("outline", scene))[32], ("white", "black", "yellow"))
     plain = _shares(np.asarray(render_scene(scene, 64))[32], ("white", "yellow"))
-    np.testing.assert_allclose(row[:, 0], plain[:, 0], atol=0.02)  # the object covers what the world draws
-    assert row[:20, 1].sum() == pytest.approx(1.5, abs=0.05) and row[44:, 1].sum() == pytest.approx(1.5, abs=0.05)
-    assert row[16, 1] > 0.95 and row[47, 1] > 0.95  # 1.5 px of black just inside each edge
-    np.testing.assert_allclose(row[18:46, 2], 1, atol=0.02)  # then the fill
+    np.testing.assert_allclose(row[:, 2], plain[:, 1], atol=0.02)  # the object keeps all of what the world draws
+    assert row[:16, 1].sum() == pytest.approx(2, abs=0.05) and row[48:, 1].sum() == pytest.approx(2, abs=0.05)
+    assert row[[14, 48, 49], 1].min() > 0.95 and row[14:50, 0].max() < 0.02  # the band hugs the fill, no gap
+    np.testing.assert_allclose(row[list(range(13)) + list(range(50, 64)), 0], 1, atol=0.02)  # then the background
     one = render_concept_image("outline", "red", "white", random.Random(0), size="large", shape="star")
     again = render_concept_image("outline", "red", "white", random.Random(0), size="large", shape="star")
     assert np.array_equal(np.asarray(one), np.asarray(again))  # deterministic for a given rng

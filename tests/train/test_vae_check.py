@@ -39,8 +39,8 @@ def test_concept_round_trip_is_the_ceiling_of_fine_tuning():
 
     source, exact = concept_round_trip(FakeVAE(1), "outline", n=22)
     assert source >= 0.95 and exact == source  # the oracle reads the renders, and an exact codec keeps them
-    _, blocky = concept_round_trip(FakeVAE(4), "outline", n=22)
-    assert blocky <= source - 0.3  # 4x4 blocks smear a 1.5 px band away in many images
+    _, blocky = concept_round_trip(FakeVAE(8), "outline", n=22)
+    assert blocky <= source - 0.3  # 8x8 blocks smear a 2 px band away in most images
     source_ring, exact_ring = concept_round_trip(FakeVAE(1), "ring", n=22)
     assert exact_ring == source_ring >= 0.95
 
