@@ -146,7 +146,7 @@ def class_prompts(opts, concept: str, data: Path) -> list[str]:
 
 def train(opts, method: str, concept: str, data: Path) -> dict:
     """One fine-tune run in a subprocess: the result's path, wall time and the trainer's images/s."""
-    name = f"{method.replace('_', '-')}-{concept}{opts.tag}"
+    name = f"{method.replace('_', '-')}-{concept}" + (f"-{opts.tag.lstrip('-')}" if opts.tag else "")
     run_dir = opts.out / "runs" / name
     args = ["finetune", method.replace("_", "-"), "--config", str(opts.configs / f"{method}.toml"),
             "--data", str(data), "--out", str(run_dir)]
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                          "captions of the shapes world (train split). With captions or mixed, one class image per "
                          "prompt.")
     ap.add_argument("--prior-world", type=int, default=40, help="World captions in a mixed prior.")
-    ap.add_argument("--tag", default="", help="Suffix of the run names (for experiments in one --out).")
+    ap.add_argument("--tag", default="", help="Suffix of the run names, e.g. te for lora-outline-te (for experiments in one --out).")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Passed to every `sdstack finetune` as --set (for experiments).")
     ap.add_argument("--steps", type=int, default=None, help="Eval sampling steps [default: sdstack eval's].")

@@ -51,7 +51,7 @@ for v in "$@"; do
   done
   rm -rf "${R:?}/$name"; cp -r "$R/base" "$R/$name"; rm -f "$R/$name"/proof.*
   timeout -s KILL $(( $(left) - 25 )) "$PY" scripts/finetune_proof.py --device "$DEVICE" --seeds "$SEEDS" "${EXTRA[@]}" \
-    --methods "$method" --concepts "$concept" --tag="-$name" --out "$R/$name" "${args[@]}" > "$R/$name.log" 2>&1 &
+    --methods "$method" --concepts "$concept" --tag "$name" --out "$R/$name" "${args[@]}" > "$R/$name.log" 2>&1 &
   n=$((n + 1))
   if (( n % PARALLEL == 0 )); then wait; fi
 done
