@@ -10,7 +10,7 @@ full):
 1. data: `concept_dataset(concept, OUT/data/<concept>, n=10, token=TOKEN)`: 10 images with captions that carry
    the trigger TOKEN ("a red zwx ring on a white background", "a blue star, zwx style"). TOKEN is one new word,
    not in the CLIP vocabulary (textual inversion refuses known words), the same for every method;
-2. training: `sdstack finetune <method> --config configs/finetune-proof/<method>.toml --model M --data DIR
+2. training: `sdstack finetune <method> --config configs/finetune-proof/<method>[-<concept>].toml --model M --data DIR
    --out OUT/runs/<method>-<concept>` in a subprocess (a clean process per run), plus what depends on the concept:
    DreamBooth's --class-prompt (CLASS_PROMPTS) and textual inversion's --token and --init-word (INIT_WORDS).
    Recorded: wall time (model loading, class images and export included) and the trainer's own images/s
@@ -144,11 +144,18 @@ def class_prompts(opts, concept: str, data: Path) -> list[str]:
     return prompts
 
 
+def recipe(opts, method: str, concept: str) -> Path:
+    """The method's recipe for this concept: `<method>-<concept>.toml` where the folder has one (a style may need
+    other settings than a new shape), else `<method>.toml`."""
+    own = opts.configs / f"{method}-{concept}.toml"
+    return own if own.is_file() else opts.configs / f"{method}.toml"
+
+
 def train(opts, method: str, concept: str, data: Path) -> dict:
     """One fine-tune run in a subprocess: the result's path, wall time and the trainer's images/s."""
     name = f"{method.replace('_', '-')}-{concept}" + (f"-{opts.tag.lstrip('-')}" if opts.tag else "")
     run_dir = opts.out / "runs" / name
-    args = ["finetune", method.replace("_", "-"), "--config", str(opts.configs / f"{method}.toml"),
+    args = ["finetune", method.replace("_", "-"), "--config", str(recipe(opts, method, concept)),
             "--data", str(data), "--out", str(run_dir)]
     if opts.model:
         args += ["--model", str(opts.model)]
