@@ -207,9 +207,11 @@ def render_scene(scene: Scene, resolution: int = 64, outline: float = 0.0,
             continue
         mask = Image.new("L", (big, big), 0)
         ImageDraw.Draw(mask).polygon(polygon, fill=255)
-        grow = ImageFilter.MaxFilter if outline_outside else ImageFilter.MinFilter
-        band_mask, fill_mask = (mask.filter(grow(2 * round(outline * big) + 1)), mask) if outline_outside else \
-            (mask, mask.filter(grow(2 * round(outline * big) + 1)))
+        width = 2 * round(outline * big) + 1
+        if outline_outside:  # the band grows out of the shape; the fill is the whole shape
+            band_mask, fill_mask = mask.filter(ImageFilter.MaxFilter(width)), mask
+        else:  # the band is the shape's rim; the fill shrinks inside it
+            band_mask, fill_mask = mask, mask.filter(ImageFilter.MinFilter(width))
         image.paste(PALETTE[band], mask=band_mask)
         image.paste(PALETTE[obj.colour], mask=fill_mask)
     return image.resize((resolution, resolution), Image.Resampling.BOX)

@@ -222,12 +222,11 @@ def _model_path(model):
               "default). Repeatable.")
 @click.option("--embedding", "embeddings", multiple=True, metavar="FILE",
               help="Offer this textual-inversion embedding to the prompts (by its file name). Repeatable.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (the oracle's images are the same "
-              "up to float rounding; the initial noise is drawn on the CPU).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (checked before the model "
+              "loads; the initial noise is drawn on the CPU either way).")
 def eval_command(model, suites, seeds, limit, out, steps, sampler_name, scheduler, cfg_scale, concept, token, loras,
                  embeddings, device):
     """Score a model on the shapes benchmark suites with the oracle (GenEval-style), or on a new concept."""
-    from ..models.loader import check_device
     from .concepts import CONCEPTS
     from .report import format_overview, format_table, write_json
     from .suites import SUITE_NAMES
@@ -235,7 +234,6 @@ def eval_command(model, suites, seeds, limit, out, steps, sampler_name, schedule
     if concept is not None and concept not in CONCEPTS:
         raise click.BadParameter(f"unknown concept {concept!r}; valid: {', '.join(CONCEPTS)}", param_hint="--concept")
     networks = parse_networks(loras, embeddings)
-    check_device(device)
     gen = {k: v for k, v in dict(steps=steps, sampler_name=sampler_name, scheduler=scheduler,
                                  cfg_scale=cfg_scale).items() if v is not None}
     summaries = []
