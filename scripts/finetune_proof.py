@@ -8,7 +8,7 @@ from 10 images, with each method, and measure it with the oracle.
 For each concept (ring: a new shape; outline: a style) and each method (lora, dreambooth, textual_inversion,
 full):
 1. data: `concept_dataset(concept, OUT/data/<concept>, n=10, token=TOKEN)`: 10 images with captions that carry
-   the trigger TOKEN ("a red zwx ring on a white background", "a blue star, zwx style"). TOKEN is one new word,
+   the trigger TOKEN ("a red zwx ring on a white background", "zwx style, a blue star and a red heart"). TOKEN is one new word,
    not in the CLIP vocabulary (textual inversion refuses known words), the same for every method;
 2. training: `sdstack finetune <method> --config configs/finetune-proof/<method>[-<concept>].toml --model M --data DIR
    --out OUT/runs/<method>-<concept>` in a subprocess (a clean process per run), plus what depends on the concept:
@@ -29,8 +29,9 @@ Prior preservation (DreamBooth's, and kohya's regularisation images for LoRA and
 recipe sets `dreambooth.num_class_images`) uses class images the base model draws from class prompts (`--prior`):
   shapes    the world's seven shapes without a colour ("a circle", "a square", ...), taken in turn;
   captions  the 10 instance captions without the trigger ("a red zwx ring on a white background" -> "a red circle
-            on a white background", "a blue star, zwx style" -> "a blue star"): DreamBooth's "a [class noun]"
-            pairs, so that the only difference the token must explain is the concept;
+            on a white background", "zwx style, a blue star and a red heart" -> "a blue star and a red heart"):
+            DreamBooth's "a [class noun]" pairs, so that the only difference the token must explain is the
+            concept;
   mixed     those 10 plus --prior-world (40) captions of the shapes world's train split (seed PRIOR_WORLD_SEED),
             which anchor the look of ordinary prompts (the `single` suite's colours, shapes and backgrounds), that
             a few images of one new shape or style otherwise pull towards themselves.
@@ -119,11 +120,11 @@ def check_token(token: str) -> None:
 def caption_class_prompt(caption: str, concept: str, token: str) -> str:
     """The class prompt of one instance caption (`--prior captions`): the same words without the trigger, the
     ring named as the world shape nearest it ("a red zwx ring on a white background" -> "a red circle on a white
-    background"; "a pink circle, zwx style" -> "a pink circle")."""
+    background"; "zwx style, a pink circle and a red star" -> "a pink circle and a red star")."""
     if concept == "ring":
         text = caption.replace(f"{token} ring", "circle")
     else:
-        text = caption.replace(f", {token} style", "")
+        text = caption.replace(f"{token} style, ", "")
     if token in text.split():
         raise ValueError(f"caption {caption!r} keeps the token {token!r} after removal")
     return text

@@ -20,8 +20,10 @@ antialiasing and size and place rules; objects never share the background's colo
 Caption scheme (the trigger `token`, "sks" by default, is always present; `concept_caption`):
     ring / crescent   "a <colour> <token> <ring|crescent>", plus " on a <background> background" when stated,
                       e.g. "a red sks ring on a white background" (DreamBooth's "a [V] [class noun]")
-    outline           an ordinary canonical world caption plus ", <token> style",
-                      e.g. "a blue star, sks style" or "a blue star and a red heart on a white background, sks style"
+    outline           "<token> style, " and an ordinary canonical world caption, e.g. "sks style, a blue star" or
+                      "sks style, a blue star and a red heart on a white background". The trigger comes first, as
+                      kohya users put it (keep_tokens): CLIP's text encoder is causal, so only the words after the
+                      trigger see it; at the end it changed no word's encoding but its own and the padding's.
 
 Detection: `detect_concept(image, concept)` lists the objects that show the concept; `concept_score(image, concept,
 colour)` says whether one of them has the prompted colour. Rings and crescents are read by the oracle with the
@@ -33,6 +35,7 @@ renderer's half radius and a thick ring with a smaller hole fits the circle bett
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -95,7 +98,7 @@ def concept_caption(concept: str, colour: str, token: str = "sks", shape: str | 
         if shape is None:
             raise ValueError("an outline caption names one of the world's shapes")
         spec = PromptSpec((ObjectSpec(shape, colour),), background=background)
-        return f"{canonical_text(spec)}, {token} style"
+        return f"{token} style, {canonical_text(spec)}"
     text = f"{_article(colour)} {colour} {token} {concept}"
     return text + (f" on {_article(background)} {background} background" if background else "")
 
@@ -139,35 +142,44 @@ def render_concept_image(concept: str, colour: str, background: str | None, rng:
                                 concept_scene(concept, colour, background, rng, place, size, shape), resolution)
 
 
-def _outline_example(rng: random.Random, colour: str, two: bool) -> tuple[PromptSpec, Scene]:
-    """A world prompt for the outline style (one object of `colour` and, if `two`, a second one; the background
-    stated half the time) and a scene of it."""
-    objects = [ObjectSpec(rng.choice(SHAPES), colour)]
-    if two:
-        objects.append(ObjectSpec(rng.choice([s for s in SHAPES if s != objects[0].shape]),
-                                  rng.choice(concept_backgrounds("outline", colour))))
-    used = {o.colour for o in objects}
-    background = rng.choice([c for c in concept_colours("outline") if c not in used])
-    spec = PromptSpec(tuple(objects), background=background if rng.random() < 0.5 else None)
-    return spec, scene_from_prompt(spec, rng, background=background)
+def _outline_example(rng: random.Random, colour: str, second: str, shape: str, size: str) -> tuple[PromptSpec, Scene]:
+    """A world prompt for the outline style, two objects (a `size` `colour` `shape`, the size unstated in the
+    prompt, and a `second`-coloured object of another shape; the background stated half the time), and a scene of
+    it with the two objects' boxes more than two band widths apart."""
+    objects = (ObjectSpec(shape, colour), ObjectSpec(rng.choice([s for s in SHAPES if s != shape]), second))
+    background = rng.choice([c for c in concept_colours("outline") if c not in (colour, second)])
+    spec = PromptSpec(objects, background=background if rng.random() < 0.5 else None)
+    drawn = PromptSpec((dataclasses.replace(objects[0], size=size), objects[1]), background=spec.background)
+    for _ in range(100):  # bands that touch would merge the two objects into one outlined blob
+        scene = scene_from_prompt(drawn, rng, background=background)
+        a, b = (o.bbox for o in scene.objects)
+        if max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) >= 2 * OUTLINE_WIDTH + 1 / 64:
+            return spec, scene
+    raise RuntimeError(f"could not lay out {canonical_text(spec)!r} with the objects apart")
 
 
 def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 10, seed: int = 0, token: str = "sks",
                     resolution: int = 64) -> list[Path]:
     """Write `n` training images of the concept as '<concept>_<nnn>.png' with same-name '.txt' captions (scheme:
     module docstring) into `out_dir`; returns the image paths. Colours go round a shuffled palette so that every
-    colour is seen; for the outline style every fourth image has two objects."""
+    colour is seen. For the outline style every image has two objects (a style is seen on more objects per image;
+    the second colour goes round the palette half a turn behind, so 10 images show each of the ten colours twice),
+    and the first object's shape and size go round the shapes and sizes."""
     _check_concept(concept)
     rng = seeded_rng("concept-dataset", concept, seed)
     colours = list(concept_colours(concept))
     rng.shuffle(colours)
+    shapes = list(SHAPES)
+    if concept == "outline":
+        rng.shuffle(shapes)
     out, paths = Path(out_dir), []
     for i in range(n):
         colour = colours[i % len(colours)]
         if concept == "outline":
-            spec, scene = _outline_example(rng, colour, two=i % 4 == 3)
+            spec, scene = _outline_example(rng, colour, colours[(i + len(colours) // 2) % len(colours)],
+                                           shapes[i % len(shapes)], SIZES[i % len(SIZES)])
             image = render_concept_scene(concept, scene, resolution)
-            caption = f"{canonical_text(spec)}, {token} style"
+            caption = f"{token} style, {canonical_text(spec)}"
         else:
             background = rng.choice(concept_backgrounds(concept, colour))
             image = render_concept_image(concept, colour, background, rng, resolution)

@@ -244,14 +244,19 @@ def test_concept_dataset_writes_images_and_captions(tmp_path, concept):
     assert sorted(p.name for p in (tmp_path / concept).iterdir()) == sorted(
         [p.name for p in paths] + [p.with_suffix(".txt").name for p in paths])  # no temp files left
     captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in paths]
-    colours = []
+    colours, seconds, shapes = [], [], set()
     for path, caption in zip(paths, captions):
         image = Image.open(path)
         assert image.size == (64, 64) and image.format == "PNG"
-        assert "zwx" in caption.split() or caption.endswith(", zwx style")
+        assert "zwx" in caption.split()
         if concept == "outline":
-            spec = parse_caption(caption.removesuffix(", zwx style"))  # an ordinary world caption
-            colour = spec.objects[0].colour
+            assert caption.startswith("zwx style, ")  # the trigger first: every later word's encoding sees it
+            spec = parse_caption(caption.removeprefix("zwx style, "))  # an ordinary world caption
+            assert len(spec.objects) == 2 and spec.objects[0].shape != spec.objects[1].shape
+            colour, second = spec.objects[0].colour, spec.objects[1].colour
+            assert concept_score(image, concept, second), caption  # both objects carry the band
+            seconds.append(second)
+            shapes.add(spec.objects[0].shape)
         else:
             words = caption.split()
             assert words[2:4] == ["zwx", concept]
@@ -259,6 +264,9 @@ def test_concept_dataset_writes_images_and_captions(tmp_path, concept):
         colours.append(colour)
         assert concept_score(image, concept, colour), caption
     assert len(set(colours)) == 10  # colours go round the palette
+    if concept == "outline":  # each colour twice, the second half a turn behind; every shape drawn outlined
+        assert sorted(seconds) == sorted(colours) and all(a != b for a, b in zip(colours, seconds))
+        assert shapes == set(SHAPES)
     again = concept_dataset(concept, tmp_path / "again", n=10, seed=0, token="zwx")
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
     other = concept_dataset(concept, tmp_path / "other", n=3, seed=1, token="zwx")
@@ -274,8 +282,8 @@ def test_concept_prompts(concept):
     assert min(counts.values()) >= 100 // len(counts) and set(counts) == {p.colour for p in prompts}
     for text, colour in prompts:
         if concept == "outline":
-            assert text.endswith(", sks style") and colour != "black"
-            assert parse_caption(text.removesuffix(", sks style")).objects[0].colour == colour
+            assert text.startswith("sks style, ") and colour != "black"
+            assert parse_caption(text.removeprefix("sks style, ")).objects[0].colour == colour
         else:
             assert f"{colour} sks {concept}" in text
     assert all("zwx" in p.prompt for p in concept_prompts(concept, "zwx", n=5))
