@@ -7,9 +7,10 @@ from 10 images, with each method, and measure it with the oracle.
 
 For each concept (ring: a new shape; outline: a style) and each method (lora, dreambooth, textual_inversion,
 full):
-1. data: `concept_dataset(concept, OUT/data/<concept>, n=10, token=TOKEN)`: 10 images with captions that carry
-   the trigger TOKEN ("a red zwx ring on a white background", "zwx style, a blue star and a red heart"). TOKEN is one new word,
-   not in the CLIP vocabulary (textual inversion refuses known words), the same for every method;
+1. data: `concept_dataset(concept, OUT/data/<concept>, n=10, seed=DATA_SEED, token=TOKEN)` (--data-seed, 0 by
+   default): 10 images with captions that carry the trigger TOKEN ("a red zwx ring on a white background",
+   "zwx style, a blue star and a red heart"). TOKEN is one new word, not in the CLIP vocabulary (textual inversion
+   refuses known words), the same for every method;
 2. training: `sdstack finetune <method> --config configs/finetune-proof/<method>[-<concept>].toml --model M --data DIR
    --out OUT/runs/<method>-<concept>` in a subprocess (a clean process per run), plus what depends on the concept:
    DreamBooth's --class-prompt (CLASS_PROMPTS) and textual inversion's --token and --init-word (INIT_WORDS).
@@ -269,6 +270,8 @@ def main(argv=None) -> int:
                          "captions of the shapes world (train split). With captions or mixed, one class image per "
                          "prompt.")
     ap.add_argument("--prior-world", type=int, default=40, help="World captions in a mixed prior.")
+    ap.add_argument("--data-seed", type=int, default=0,
+                    help="Seed of the 10 training images (concept_dataset): another draw of the same rules.")
     ap.add_argument("--tag", default="", help="Suffix of the run names, e.g. te for lora-outline-te (for experiments in one --out).")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Passed to every `sdstack finetune` as --set (for experiments).")
@@ -302,7 +305,8 @@ def main(argv=None) -> int:
             # the base model on the concept prompts: how often it (or the oracle) shows the concept untaught
             base_concept[concept] = eval_concept(opts, f"base-{concept}", concept, None, None)["concept_share"]
             data = opts.out / "data" / f"{concept}-r{opts.repeats}"
-            concept_dataset(concept, data / f"{opts.repeats}_{opts.token}", n=10, token=opts.token)
+            concept_dataset(concept, data / f"{opts.repeats}_{opts.token}", n=10, seed=opts.data_seed,
+                            token=opts.token)
             for method in [] if opts.base_only else methods:
                 row = {"method": method, "concept": concept, **train(opts, method, concept, data)}
                 row.update(eval_concept(opts, row["run"], concept, method, row["result"]))
@@ -321,7 +325,7 @@ def main(argv=None) -> int:
     settings = {"model": str(opts.model or "built-in"), "token": opts.token, "limit": opts.limit,
                 "seeds": opts.seeds, "threads": opts.threads, "single_limit": opts.single_limit,
                 "eval_args": _eval_args(opts, opts.limit)[4:], "set": opts.set,
-                "prior": opts.prior,
+                "prior": opts.prior, "data_seed": opts.data_seed,
                 "class_prompts": {c: class_prompts(opts, c, opts.out / "data" / f"{c}-r{opts.repeats}")
                                   for c in concepts}, "total_seconds":
                 round(time.perf_counter() - started, 1)}
