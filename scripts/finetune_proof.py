@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prior-world", type=int, default=40, help="World captions in a mixed prior.")
     ap.add_argument("--data-seed", type=int, default=0,
                     help="Seed of the 10 training images (concept_dataset): another draw of the same rules.")
-    ap.add_argument("--tag", default="", help="Suffix of the run names, e.g. te for lora-outline-te (for experiments in one --out).")
+    ap.add_argument("--tag", default="",
+                    help="Suffix of the run names, e.g. te for lora-outline-te (for experiments in one --out).")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="Passed to every `sdstack finetune` as --set (for experiments).")
     ap.add_argument("--steps", type=int, default=None, help="Eval sampling steps [default: sdstack eval's].")

@@ -97,10 +97,14 @@ def concept_caption(concept: str, colour: str, token: str = "sks", shape: str | 
     if _check_concept(concept) == "outline":
         if shape is None:
             raise ValueError("an outline caption names one of the world's shapes")
-        spec = PromptSpec((ObjectSpec(shape, colour),), background=background)
-        return f"{token} style, {canonical_text(spec)}"
+        return _style_caption(PromptSpec((ObjectSpec(shape, colour),), background=background), token)
     text = f"{_article(colour)} {colour} {token} {concept}"
     return text + (f" on {_article(background)} {background} background" if background else "")
+
+
+def _style_caption(spec: PromptSpec, token: str) -> str:
+    """The outline style's caption of a world prompt: the trigger first (module docstring)."""
+    return f"{token} style, {canonical_text(spec)}"
 
 
 def _check_colours(concept: str, colour: str, background: str) -> None:
@@ -146,7 +150,8 @@ def _outline_example(rng: random.Random, colour: str, shape: str, size: str) -> 
     """A world prompt for the outline style, two objects (a `size` `colour` `shape`, the size unstated in the
     prompt, and an object of another shape and colour, both drawn; the background stated half the time), and a
     scene of it with the two objects' boxes more than two band widths apart."""
-    second = ObjectSpec(rng.choice([s for s in SHAPES if s != shape]), rng.choice(concept_backgrounds("outline", colour)))
+    second = ObjectSpec(rng.choice([s for s in SHAPES if s != shape]),
+                        rng.choice(concept_backgrounds("outline", colour)))
     objects = (ObjectSpec(shape, colour), second)
     background = rng.choice([c for c in concept_colours("outline") if c not in (colour, second.colour)])
     spec = PromptSpec(objects, background=background if rng.random() < 0.5 else None)
@@ -180,7 +185,7 @@ def concept_dataset(concept: str, out_dir: str | os.PathLike, n: int = 10, seed:
         if concept == "outline":
             spec, scene = _outline_example(rng, colour, shapes[i % len(shapes)], SIZES[i % len(SIZES)])
             image = render_concept_scene(concept, scene, resolution)
-            caption = f"{token} style, {canonical_text(spec)}"
+            caption = _style_caption(spec, token)
         else:
             background = rng.choice(concept_backgrounds(concept, colour))
             image = render_concept_image(concept, colour, background, rng, resolution)
