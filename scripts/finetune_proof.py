@@ -157,12 +157,16 @@ def train(opts, method: str, concept: str, data: Path) -> dict:
     """One fine-tune run in a subprocess: the result's path, wall time and the trainer's images/s."""
     name = f"{method.replace('_', '-')}-{concept}" + (f"-{opts.tag.lstrip('-')}" if opts.tag else "")
     run_dir = opts.out / "runs" / name
-    args = ["finetune", method.replace("_", "-"), "--config", str(recipe(opts, method, concept)),
-            "--data", str(data), "--out", str(run_dir)]
+    from sdstack.tomlio import read_toml
+
+    config = recipe(opts, method, concept)
+    args = ["finetune", method.replace("_", "-"), "--config", str(config), "--data", str(data), "--out", str(run_dir)]
     if opts.model:
         args += ["--model", str(opts.model)]
     if method == "textual_inversion":
         args += ["--token", opts.token, "--init-word", INIT_WORDS[concept]]
+    elif method == "lora" and "textual_inversion" in read_toml(config, "recipe", "config"):
+        args += ["--token", opts.token]  # pivotal tuning: the recipe trains the token's vectors with the LoRA
     from sdstack.train.finetune_config import PRIOR_METHODS  # they take class images when their config asks
 
     if method in PRIOR_METHODS:

@@ -173,7 +173,7 @@ def generate(bundle, params, *, init_images: list | None = None, lora_dir=None, 
     w, h = _size(bundle, p)
     seeds, subseeds = _resolve_seeds(p)
     prompt, negative, networks = prepare_extra_networks(p.prompt, p.negative_prompt, lora_dir, hash_cache)
-    cond = TextConditioner(bundle, clip_skip=p.clip_skip, embeddings=embeddings)
+    cond = TextConditioner(bundle, clip_skip=p.clip_skip, embeddings=networks.embeddings(embeddings, bundle))
     img2img = bool(init_images)
     job = _Job(bundle, p, cond, control, on_step, _total_steps(p, img2img))
     out_images, interrupted = [], False

@@ -88,7 +88,7 @@ def _as_matrix(t: torch.Tensor, where: str) -> torch.Tensor:
     return t.contiguous()
 
 
-def _vectors_from_data(data: object, where: str) -> dict[str, torch.Tensor]:
+def vectors_from_data(data: object, where: str) -> dict[str, torch.Tensor]:
     """The vectors of a loaded embedding file, keyed "" or clip_l/clip_g (A1111 `create_embedding_from_data`)."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: not an embedding file (found {type(data).__name__})")
@@ -134,7 +134,7 @@ def read_embedding(path: str | Path, hash_cache: HashCache | None = None) -> Emb
         data = _load_pickle(p)  # type: ignore[assignment]
     else:
         raise UserError(f"{p}: unsupported embedding file type {p.suffix!r}; use .pt, .bin or .safetensors")
-    vectors = _vectors_from_data(data, str(p))
+    vectors = vectors_from_data(data, str(p))
     return Embedding(name=p.stem, vectors=vectors, step=_int_or_none(data.get("step")),
                      sd_checkpoint=_str_or_none(data.get("sd_checkpoint")),
                      sd_checkpoint_name=_str_or_none(data.get("sd_checkpoint_name")),

@@ -6,6 +6,9 @@ Formats read (facts from kohya-ss sd-scripts, AUTOMATIC1111's Lora extension and
   (LoCon CP decomposition). SD1/SD2 use diffusers UNet names; SDXL uses LDM names (`input_blocks_4_1_...`).
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.`, `text_encoder_2.`; the older
   `.lora.down.weight` / `.lora_linear_layer.down.weight` and attention-processor `processor.to_q_lora.down.weight`.
+Embeddings trained with the LoRA (pivotal tuning) ride in the file as `bundle_emb.<name>.<key>` (A1111's Lora
+extension: `string_to_param.*`, `emb_params` or SDXL's `clip_l` / `clip_g`); a prompt that loads the LoRA can use
+them by name, as a prompt uses an embedding from the embeddings folder.
 Scale per module (A1111 `calc_scale`): alpha / rank, alpha defaulting to rank; a diffusers file's
 `lora_adapter_metadata` (PEFT `lora_alpha`, `alpha_pattern`, `use_rslora`) supplies alpha when no `.alpha` key does.
 """
@@ -39,6 +42,7 @@ _ROLE_SUFFIXES = (
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # old attention-processor format
     (".alpha", "alpha"), (".dora_scale", "dora"),
 )
+BUNDLE_PREFIX = "bundle_emb."
 _UNET_BLOCK_STARTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
 _OLD_PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _OLD_PROCESSOR_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
@@ -80,6 +84,23 @@ class LoraFile:
     @property
     def alias(self) -> str:
         return str(self.metadata.get("ss_output_name") or self.name)
+
+    def bundled_embeddings(self) -> dict:
+        """{name: Embedding} from the file's `bundle_emb.*` keys; UserError for one that is not an embedding."""
+        from .embeddings import Embedding, vectors_from_data
+
+        grouped: dict[str, dict] = {}
+        for key, t in self.tensors.items():
+            if key.startswith(BUNDLE_PREFIX):
+                name, _, rest = key[len(BUNDLE_PREFIX):].partition(".")
+                data = grouped.setdefault(name, {})
+                if rest.startswith("string_to_param."):
+                    data.setdefault("string_to_param", {})[rest[len("string_to_param."):]] = t
+                else:
+                    data[rest] = t
+        return {name: Embedding(name=name, vectors=vectors_from_data(data, f"LoRA {self.name}: {BUNDLE_PREFIX}{name}"),
+                                hash=self.hash_sha256, path=self.path)
+                for name, data in grouped.items()}
 
 
 def read_lora(path: str | Path, hash_cache: HashCache | None = None) -> LoraFile:
@@ -240,6 +261,8 @@ def _group_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, t
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key, t in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):  # an embedding trained with the LoRA, not a layer
+            continue
         for suffix, role in _ROLE_SUFFIXES:
             if key.endswith(suffix):
                 groups.setdefault(key[: -len(suffix)], {})[role] = t
@@ -335,7 +358,7 @@ def apply_loras(bundle, loras: Sequence[tuple[LoraFile, float, float]]) -> Itera
     matches = []
     for lora, _, _ in loras:
         m = match_lora(lora, bundle)
-        if not m.modules:
+        if not m.modules and not any(k.startswith(BUNDLE_PREFIX) for k in lora.tensors):
             raise UserError(f"LoRA {lora.name!r} ({lora.path or lora.name}) has no keys that match this "
                             f"{getattr(bundle, 'family', '')} model; is it for another model family?")
         _warn_unmatched(m)

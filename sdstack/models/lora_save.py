@@ -7,6 +7,9 @@ Keys (facts from kohya-ss sd-scripts `networks/lora.py` and AUTOMATIC1111's Lora
 SDXL paths are LDM names (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`), taken from the checkpoint key
 map through `sdstack.models.lora.ldm_unet_module_names`. Text-encoder paths start with `text_model_`.
 
+Embeddings trained with the LoRA (pivotal tuning) are added as `bundle_emb.<name>.string_to_param.*` (SD1/SD2) or
+`bundle_emb.<name>.clip_l` / `.clip_g` (SDXL), the keys A1111's Lora extension reads.
+
 Metadata: kohya's `ss_*` training keys (`ss_network_module` = "networks.lora", `ss_network_dim`,
 `ss_network_alpha`, `ss_base_model_version`, `ss_output_name`, `ss_training_started_at`, ...), plus
 `sshs_model_hash` / `sshs_legacy_hash`, the additional-networks hashes kohya precomputes from the file written
@@ -182,15 +185,32 @@ def addnet_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     return hashlib.sha256(data[8 + n:]).hexdigest(), legacy
 
 
+def bundled_embedding_tensors(name: str, vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA file's keys for an embedding trained with it, as AUTOMATIC1111's Lora extension reads them
+    (`bundle_emb.<name>.string_to_param.*` for one text encoder, `bundle_emb.<name>.clip_l` / `.clip_g` for SDXL);
+    `vectors` is keyed "" or clip_l / clip_g, each n x width."""
+    if not name or any(c.isspace() or c == "." for c in name):
+        raise ValueError(f"bundled embedding name must be one word without dots, got {name!r}")
+    if set(vectors) == {""}:
+        return {f"bundle_emb.{name}.string_to_param.*": vectors[""].detach().float().cpu().contiguous()}
+    if set(vectors) == {"clip_l", "clip_g"}:
+        return {f"bundle_emb.{name}.{k}": v.detach().float().cpu().contiguous() for k, v in vectors.items()}
+    raise ValueError(f"embedding vectors must be keyed '' or clip_l/clip_g, got {sorted(vectors)}")
+
+
 def save_kohya_lora(path: str | Path, bundle, modules: LoraModules, *, metadata: Mapping[str, str] | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write a kohya LoRA file atomically (temporary file + rename); adds the sshs_* hashes. Returns the path."""
+                    dtype: torch.dtype | None = None,
+                    embeddings: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> Path:
+    """Write a kohya LoRA file atomically (temporary file + rename); adds the sshs_* hashes. Returns the path.
+    `embeddings` ({name: vectors}) are embeddings trained with the LoRA, bundled into the file (pivotal tuning)."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"LoRA output must be a .safetensors file, got {path.name}", field="output")
     from safetensors.torch import save
 
     tensors = kohya_state_dict(bundle, modules, dtype)
+    for name, vectors in (embeddings or {}).items():
+        tensors.update(bundled_embedding_tensors(name, vectors))
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.setdefault("ss_network_module", NETWORK_MODULE)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)

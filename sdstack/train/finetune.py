@@ -7,6 +7,7 @@ Methods:
 - dreambooth: the UNet (and optionally the text encoder) trains; with prior preservation, class images made by
   the base model are mixed in as kohya's regularisation subset and their loss weighs `prior_loss_weight`.
 - textual_inversion: only the new token's vectors train; saved in A1111's embedding format, named by the token.
+  A LoRA run given a token trains its vectors too (pivotal tuning); the LoRA file carries them (`bundle_emb.*`).
 - full: the UNet (and optionally the text encoders) trains; saved as a diffusers folder and a single file.
 
 Data: `sdstack.data.dataset` (kohya folders, metadata.jsonl, dataset TOML, aspect buckets, caption options),
@@ -255,7 +256,7 @@ class FinetuneTask(Task):
                                                class_tokens=class_prompts(cfg.dreambooth)[0], caption_extension=".txt"))
         index = build_index(data)
         self.index, self.val_index = _split(index, cfg.data.validation_split, cfg.run.seed)
-        trigger = cfg.textual_inversion.token if cfg.method == "textual_inversion" else None
+        trigger = cfg.textual_inversion.token if cfg.trains_embedding else None
         self.text = TrainingText(b, trigger, cfg.textual_inversion.num_vectors)
         if trigger:
             self._check_trigger_in_captions(trigger)
@@ -275,7 +276,8 @@ class FinetuneTask(Task):
         if not used:
             raise UserError(f"textual inversion: no caption contains the token {token!r}; put it in the captions "
                             f"(e.g. \"a photo of {token}\")", field="textual_inversion.token")
-        log.info("textual inversion: %d of %d captions contain %r", used, len(self.index.items), token)
+        log.info("%s: %d of %d captions contain %r", "textual inversion" if self.cfg.method == "textual_inversion"
+                 else "pivotal tuning", used, len(self.index.items), token)
 
     # ------------------------------------------------------------------ what trains
 
@@ -284,11 +286,11 @@ class FinetuneTask(Task):
         for net in (b.unet, b.vae, *b.text_encoders):
             net.requires_grad_(False)
         vectors = None
+        if cfg.trains_embedding:
+            vectors = init_token_vectors(b, cfg.textual_inversion)
         if cfg.method == "lora":
             add_lora(b, cfg.lora)
-        elif cfg.method == "textual_inversion":
-            vectors = init_token_vectors(b, cfg.textual_inversion)
-        else:
+        elif cfg.method != "textual_inversion":
             b.unet.requires_grad_(True)
             if cfg.trains_text_encoder:
                 for enc in b.text_encoders:
@@ -296,14 +298,22 @@ class FinetuneTask(Task):
         return vectors
 
     def param_groups(self, lr: float) -> list[dict]:
+        """UNet (or all) at `lr`; a LoRA's text-encoder layers at lora.text_encoder_lr and the token vectors of a
+        pivotal LoRA at textual_inversion.lr, where those are set."""
         te_lr = self.cfg.lora.text_encoder_lr if self.cfg.method == "lora" else 0.0
-        unet, text = [], []
+        vec_lr = self.cfg.textual_inversion.lr if self.cfg.method == "lora" else 0.0
+        unet, text, vectors = [], [], []
         for name, p in self.module.named_parameters():
-            if p.requires_grad:
-                (text if name.startswith("text_encoders.") and te_lr else unet).append(p)
+            if not p.requires_grad:
+                continue
+            if name.startswith("text_encoders.") and te_lr:
+                text.append(p)
+            elif name.startswith("vectors.") and vec_lr:
+                vectors.append(p)
+            else:
+                unet.append(p)
         groups = [{"params": unet, "lr": lr}]
-        if text:
-            groups.append({"params": text, "lr": te_lr})
+        groups += [{"params": ps, "lr": x} for ps, x in ((text, te_lr), (vectors, vec_lr)) if ps]
         return groups
 
     def _trainable_names(self, module) -> list[str]:
@@ -344,7 +354,7 @@ class FinetuneTask(Task):
         from ..data.cache import text_cache_conflicts
 
         cfg = self.cfg
-        if not cfg.data.cache_text or cfg.method == "textual_inversion" or cfg.trains_text_encoder:
+        if not cfg.data.cache_text or cfg.trains_embedding or cfg.trains_text_encoder:
             return False
         conflicts = text_cache_conflicts(self.index)
         if conflicts:
@@ -520,6 +530,7 @@ class FinetuneTask(Task):
             if cfg.lora.train_text_encoder:
                 for k, enc in enumerate(b.text_encoders):
                     modules |= peft_lora_modules(enc, "text_encoder" if k == 0 else "text_encoder_2")
+            bundled = {cfg.textual_inversion.token: self._vector_dict()} if self.vectors is not None else None
             meta = kohya_training_metadata(b, modules, output_name=name, training_started_at=self.started,
                                            ss_learning_rate=cfg.optim.lr, ss_max_train_steps=cfg.run.max_steps,
                                            ss_num_epochs=self._epochs(), ss_resolution=self._resolution(),
@@ -527,14 +538,13 @@ class FinetuneTask(Task):
                                            ss_min_snr_gamma=cfg.noise.min_snr_gamma,
                                            ss_lr_scheduler=cfg.optim.decay, ss_seed=cfg.run.seed,
                                            **self.index.kohya_metadata())
-            return save_kohya_lora(run_dir / f"{name}.safetensors", b, modules, metadata=meta)
+            return save_kohya_lora(run_dir / f"{name}.safetensors", b, modules, metadata=meta, embeddings=bundled)
         if cfg.method == "textual_inversion":
             from ..models.embeddings import save_embedding_a1111
 
             token = cfg.textual_inversion.token
-            vec = [v.detach().float().cpu() for v in self.vectors]
-            vectors = {"clip_l": vec[0], "clip_g": vec[1]} if b.family == "sdxl" else vec[0]
-            return save_embedding_a1111(run_dir / f"{token}.safetensors", token, vectors, step=cfg.run.max_steps,
+            return save_embedding_a1111(run_dir / f"{token}.safetensors", token, self._vector_dict(),
+                                        step=cfg.run.max_steps,
                                         sd_checkpoint=b.shorthash, sd_checkpoint_name=b.name)
         from ..models.single_file import write_single_file
         from ..models.tiny import save_diffusers_folder
@@ -543,6 +553,12 @@ class FinetuneTask(Task):
         if cfg.save_single_file:
             write_single_file(b, run_dir / f"{name}.safetensors")
         return folder
+
+    def _vector_dict(self) -> dict[str, torch.Tensor]:
+        """The trained token vectors keyed as embedding files hold them: "" or clip_l / clip_g (SDXL)."""
+        from ..models.embeddings import embedding_keys
+
+        return {k: v.detach().float().cpu() for k, v in zip(embedding_keys(self.bundle), self.vectors)}
 
     def _epochs(self) -> int:
         """kohya's ss_num_epochs: epochs the run's batches span (bucketed epochs end with short batches)."""

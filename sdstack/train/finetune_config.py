@@ -102,6 +102,10 @@ class TextualInversionOptions:
     token: str = ""  # the new word; also the embedding's file name, which is how prompts use it
     init_word: str = "*"  # the new vectors start from this word's token embeddings
     num_vectors: int = 1
+    # with method lora, a token given here trains its vectors together with the LoRA (pivotal tuning) and the LoRA
+    # file carries them as `bundle_emb.<token>.*` keys, which A1111 reads; the text encoder's weights can then stay
+    # frozen, so every other word keeps its meaning
+    lr: float = 0.0  # 0 = the same as optim.lr
 
 
 @dataclass
@@ -166,7 +170,7 @@ class FinetuneConfig:
             raise UserError("config: data.validation_split must be in [0, 1)", field="data.validation_split")
         if self.method == "lora" and self.lora.rank < 1:
             raise UserError("config: lora.rank must be at least 1", field="lora.rank")
-        if self.method == "textual_inversion":
+        if self.trains_embedding:
             ti = self.textual_inversion
             if not ti.token.strip() or any(c.isspace() for c in ti.token) or "," in ti.token:
                 raise UserError("config: textual_inversion.token must be one new word (no spaces or commas), "
@@ -194,6 +198,11 @@ class FinetuneConfig:
     @property
     def prior_preservation(self) -> bool:
         return self.method in PRIOR_METHODS and self.dreambooth.num_class_images > 0
+
+    @property
+    def trains_embedding(self) -> bool:
+        """Whether new token vectors train: textual inversion, or a LoRA with a token (pivotal tuning)."""
+        return self.method == "textual_inversion" or (self.method == "lora" and bool(self.textual_inversion.token))
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -83,3 +83,39 @@ def test_embedding_by_name_replaces_token_vectors(bundle, tmp_path):
     torch.testing.assert_close(got, ref[0], rtol=0, atol=1e-6)
     r, _ = run(bundle, "a shinything star", embeddings=lib)
     assert "TI hashes: \"shinything: " in r.infotexts[0]
+
+
+@pytest.mark.parametrize("layout", ["string_to_param", "emb_params"])
+def test_embedding_bundled_in_a_lora_is_used_by_name_while_the_lora_is_loaded(bundle, tmp_path, caplog, layout):
+    """AUTOMATIC1111's `bundle_emb.<name>.*` keys (pivotal-tuning LoRAs): while `<lora:...>` loads the file, its
+    embedding works by name exactly as the same vectors from the embeddings folder; the folder's embedding of the
+    same name wins (A1111 skips the bundled one); a bundled embedding of the wrong width is skipped with a warning."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(2)
+    vec, other = torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g)
+    loras, folder, theirs = (tmp_path / d for d in ("lora", "emb", "emb2"))
+    for d in (loras, folder, theirs):
+        d.mkdir()
+    kohya_lora(loras / "style.safetensors", bundle)
+    t = load_file(loras / "style.safetensors")
+    key = "bundle_emb.glowy.string_to_param.*" if layout == "string_to_param" else "bundle_emb.glowy.emb_params"
+    save_file({**t, key: vec, "bundle_emb.widez.emb_params": torch.randn(1, 48, generator=g)},
+              loras / "style.safetensors")
+    save_file(t, loras / "bare.safetensors")  # the same layers, no embedding
+    save_embedding_a1111(folder / "glowy.safetensors", "glowy", vec)
+    save_embedding_a1111(theirs / "glowy.safetensors", "glowy", other)
+    prompt = "a glowy star <lora:style:1>"
+    with caplog.at_level("WARNING"):
+        r, bundled = run(bundle, prompt, loras)
+    _, from_folder = run(bundle, prompt, loras, EmbeddingLibrary(folder, bundle))
+    _, folder_wins = run(bundle, prompt, loras, EmbeddingLibrary(theirs, bundle))
+    _, theirs_with_bare = run(bundle, "a glowy star <lora:bare:1>", loras, EmbeddingLibrary(theirs, bundle))
+    assert np.array_equal(bundled, from_folder)
+    assert "TI hashes: \"glowy: " in r.infotexts[0]
+    _, lora_no_emb = run(bundle, "a star <lora:style:1>", loras)
+    assert not np.array_equal(bundled, lora_no_emb)
+    assert np.array_equal(folder_wins, theirs_with_bare) and not np.array_equal(folder_wins, bundled)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "bundled embedding 'widez' does not fit" in warned
+    assert "matched no layer" not in warned  # bundle keys are not LoRA layers

@@ -226,3 +226,27 @@ def test_mistakes(sd1, tmp_path):
                                    copy.deepcopy(sd1.text_encoders[0]))
     with pytest.raises(UserError, match="DoRA"):
         peft_lora_modules(dora, "text_encoder")
+
+
+def test_bundled_embeddings_are_written_as_a1111_reads_them_and_read_back(tmp_path):
+    """SD1/SD2: `bundle_emb.<name>.string_to_param.*` (A1111's Lora extension rebuilds {'string_to_param': {'*': v}});
+    SDXL: `bundle_emb.<name>.clip_l` / `.clip_g`. sdstack reads both back as the same vectors."""
+    from safetensors.torch import load_file, save_file
+
+    from sdstack.models.lora_save import bundled_embedding_tensors
+
+    g = torch.Generator().manual_seed(0)
+    one = {"": torch.randn(2, 32, generator=g)}
+    two = {"clip_l": torch.randn(1, 32, generator=g), "clip_g": torch.randn(1, 64, generator=g)}
+    assert list(bundled_embedding_tensors("zwx", one)) == ["bundle_emb.zwx.string_to_param.*"]
+    assert sorted(bundled_embedding_tensors("zwx", two)) == ["bundle_emb.zwx.clip_g", "bundle_emb.zwx.clip_l"]
+    with pytest.raises(ValueError):
+        bundled_embedding_tensors("z.wx", one)
+    for vectors in (one, two):
+        path = tmp_path / "x.safetensors"
+        save_file({"lora_unet_a.alpha": torch.tensor(1.0), **bundled_embedding_tensors("zwx", vectors)}, path)
+        emb = read_lora(path).bundled_embeddings()["zwx"]
+        assert emb.vectors.keys() == vectors.keys()
+        for k in vectors:
+            torch.testing.assert_close(emb.vectors[k], vectors[k], rtol=0, atol=0)
+        assert set(load_file(path)) - {"lora_unet_a.alpha"} == set(bundled_embedding_tensors("zwx", vectors))

@@ -190,6 +190,54 @@ def test_textual_inversion_trains_only_the_vectors_and_the_file_works_by_name(ba
     assert (no_emb - engine).abs().max() > 1e-3
 
 
+def test_pivotal_lora_trains_the_token_with_the_lora_and_bundles_it_for_a1111(base, tmp_path):
+    """A LoRA given a token (pivotal tuning): the UNet's LoRA layers and the token's vectors train, the text
+    encoder stays frozen, the file holds the vectors as A1111's `bundle_emb.<token>.string_to_param.*`, and
+    `<lora:name:1>` with the token in the prompt gives the trained model's image."""
+    from safetensors.torch import load_file
+
+    from sdstack.engine.generate import generate
+    from sdstack.models.loader import load_model
+    from sdstack.params import make_params
+    from sdstack.train.checkpoint import load_checkpoint
+    from sdstack.train.finetune import FinetuneTask
+    from sdstack.train.loop import train
+
+    cfg = _cfg(base, tmp_path, "lora", "optim.lr=0.05", "textual_inversion.lr=0.2", "lora.rank=4", "lora.alpha=4.0",
+               "run.checkpoint_every=4", data=str(base / "data-ti"), token="zring", init_word="circle",
+               num_vectors=2, output_name="piv")
+    task = FinetuneTask(cfg)
+    groups = task.param_groups(0.05)
+    assert [g["lr"] for g in groups] == [0.05, 0.2] and groups[1]["params"] == list(task.vectors)
+    te_before = {k: v.clone() for k, v in task.bundle.text_encoders[0].state_dict().items()}
+    init = task.vectors[0].detach().clone()
+    result = train(cfg, task)
+    te_after = task.bundle.text_encoders[0].state_dict()
+    assert all(torch.equal(te_before[k], te_after[k]) for k in te_before)  # the text encoder is frozen
+    assert (task.vectors[0].detach() - init).abs().max() > 1e-3  # the vectors moved
+    assert sorted(k for k in load_checkpoint(tmp_path / "lora")["model"] if ".lora_" not in k) == ["vectors.0"]
+
+    tensors = load_file(result["model"])
+    bundled = [k for k in tensors if k.startswith("bundle_emb.")]
+    assert bundled == ["bundle_emb.zring.string_to_param.*"]
+    torch.testing.assert_close(tensors[bundled[0]], task.vectors[0].detach().float())
+    assert not any(k.startswith("lora_te") for k in tensors) and any(k.startswith("lora_unet") for k in tensors)
+
+    p = make_params(prompt="a red zring", steps=4, seed=7, cfg_scale=5, width=32, height=32)
+    ours = generate(task.bundle, p, embeddings=task._embeddings()).images[0]
+    plain = load_model(base / "model")
+    p2 = make_params(prompt="a red zring <lora:piv:1>", steps=4, seed=7, cfg_scale=5, width=32, height=32)
+    res = generate(plain, p2, lora_dir=Path(result["model"]).parent)
+    a, b = (torch.tensor(list(im.getdata()), dtype=torch.float32) for im in (ours, res.images[0]))
+    assert (a - b).abs().max() <= 2
+    assert 'TI hashes: "zring: ' in res.infotexts[0]
+    # without the bundled vectors the token is the plain text "zring": another image
+    no_emb = task._embeddings()
+    no_emb.ids = (-1,)
+    other = torch.tensor(list(generate(task.bundle, p, embeddings=no_emb).images[0].getdata()), dtype=torch.float32)
+    assert (a - other).abs().max() > 2
+
+
 def test_textual_inversion_refuses_a_word_the_vocabulary_has(base, tmp_path):
     with pytest.raises(UserError, match="already a word in the model's vocabulary"):
         _run(_cfg(base, tmp_path, "textual_inversion", token="ring"))
