@@ -530,7 +530,15 @@ class FinetuneTask(Task):
             if cfg.lora.train_text_encoder:
                 for k, enc in enumerate(b.text_encoders):
                     modules |= peft_lora_modules(enc, "text_encoder" if k == 0 else "text_encoder_2")
-            bundled = {cfg.textual_inversion.token: self._vector_dict()} if self.vectors is not None else None
+            bundled = None
+            if self.vectors is not None:  # pivotal tuning: the embedding as its own file too
+                from ..models.embeddings import save_embedding_a1111
+
+                token = cfg.textual_inversion.token
+                save_embedding_a1111(run_dir / "embeddings" / f"{token}.safetensors", token, self._vector_dict(),
+                                     step=cfg.run.max_steps, sd_checkpoint=b.shorthash, sd_checkpoint_name=b.name)
+                if cfg.lora.bundle_embedding:
+                    bundled = {token: self._vector_dict()}
             meta = kohya_training_metadata(b, modules, output_name=name, training_started_at=self.started,
                                            ss_learning_rate=cfg.optim.lr, ss_max_train_steps=cfg.run.max_steps,
                                            ss_num_epochs=self._epochs(), ss_resolution=self._resolution(),

@@ -75,6 +75,10 @@ class LoraOptions:
     train_text_encoder: bool = False
     text_targets: tuple[str, ...] = TEXT_TARGETS
     text_encoder_lr: float = 0.0  # 0 = the same as optim.lr
+    # pivotal tuning (a textual_inversion.token given): the token's vectors go into the LoRA file as A1111's
+    # `bundle_emb.*` keys (A1111 and Forge read them; diffusers' load_lora_weights refuses such a file) and, always,
+    # into <run>/embeddings/<token>.safetensors (A1111's embedding format, which diffusers' load_textual_inversion reads)
+    bundle_embedding: bool = True
 
 
 @dataclass

@@ -222,6 +222,10 @@ def test_pivotal_lora_trains_the_token_with_the_lora_and_bundles_it_for_a1111(ba
     assert bundled == ["bundle_emb.zring.string_to_param.*"]
     torch.testing.assert_close(tensors[bundled[0]], task.vectors[0].detach().float())
     assert not any(k.startswith("lora_te") for k in tensors) and any(k.startswith("lora_unet") for k in tensors)
+    from sdstack.models.embeddings import read_embedding
+
+    own = read_embedding(tmp_path / "lora" / "embeddings" / "zring.safetensors")  # also as its own A1111 embedding
+    assert own.name == "zring" and torch.equal(own.vectors[""], tensors[bundled[0]])
 
     p = make_params(prompt="a red zring", steps=4, seed=7, cfg_scale=5, width=32, height=32)
     ours = generate(task.bundle, p, embeddings=task._embeddings()).images[0]
@@ -236,6 +240,37 @@ def test_pivotal_lora_trains_the_token_with_the_lora_and_bundles_it_for_a1111(ba
     no_emb.ids = (-1,)
     other = torch.tensor(list(generate(task.bundle, p, embeddings=no_emb).images[0].getdata()), dtype=torch.float32)
     assert (a - other).abs().max() > 2
+
+
+def test_pivotal_lora_without_bundling_loads_in_diffusers_with_its_embedding_file(base, tmp_path):
+    """lora.bundle_embedding = false: the LoRA file holds only layers (diffusers' load_lora_weights refuses
+    `bundle_emb` keys) and diffusers' load_textual_inversion reads the embedding file written beside it."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from sdstack.models.loader import load_model
+    from sdstack.train.finetune import FinetuneTask
+    from sdstack.train.loop import train
+
+    cfg = _cfg(base, tmp_path, "lora", "optim.lr=0.05", "lora.rank=4", "lora.bundle_embedding=false",
+               data=str(base / "data-ti"), token="zring", output_name="piv")
+    task = FinetuneTask(cfg)
+    result = train(cfg, task)
+    assert not any(k.startswith("bundle_emb") for k in load_file(result["model"]))
+    from transformers import CLIPTokenizer
+
+    plain = load_model(base / "model")
+    plain.tokenizers[0].save_pretrained(tmp_path / "tok")
+    tokenizer = CLIPTokenizer(str(tmp_path / "tok" / "vocab.json"), str(tmp_path / "tok" / "merges.txt"))
+    pipe = StableDiffusionPipeline(vae=plain.vae, unet=plain.unet, scheduler=EulerDiscreteScheduler(),
+                                   text_encoder=plain.text_encoders[0], tokenizer=tokenizer,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(result["model"])
+    torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(task.bundle.unet), atol=2e-5, rtol=1e-4)
+    pipe.load_textual_inversion(str(tmp_path / "lora" / "embeddings" / "zring.safetensors"), token="zring")
+    ids = pipe.tokenizer("a zring", add_special_tokens=False).input_ids
+    table = pipe.text_encoder.get_input_embeddings().weight
+    torch.testing.assert_close(table[ids[-1]].detach(), task.vectors[0][0].detach().float())
 
 
 def test_textual_inversion_refuses_a_word_the_vocabulary_has(base, tmp_path):
