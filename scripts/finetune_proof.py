@@ -165,8 +165,8 @@ def train(opts, method: str, concept: str, data: Path) -> dict:
         args += ["--model", str(opts.model)]
     if method == "textual_inversion":
         args += ["--token", opts.token, "--init-word", INIT_WORDS[concept]]
-    elif method == "lora" and "textual_inversion" in read_toml(config, "recipe", "config"):
-        args += ["--token", opts.token]  # pivotal tuning: the recipe trains the token's vectors with the LoRA
+    elif "textual_inversion" in read_toml(config, "recipe", "config"):
+        args += ["--token", opts.token]  # pivotal tuning: the recipe trains the token's vectors with the model
     from sdstack.train.finetune_config import PRIOR_METHODS  # they take class images when their config asks
 
     if method in PRIOR_METHODS:
@@ -189,13 +189,23 @@ def train(opts, method: str, concept: str, data: Path) -> dict:
 def _result_args(opts, method: str | None, result: str | None) -> list[str]:
     """The `sdstack eval` arguments that select a trained result (the base model for method None)."""
     if method in ("dreambooth", "full"):
-        return ["--model", str(result)]
+        pivotal = Path(result).parent / "embeddings" / f"{opts.token}.safetensors"  # the token trained with it
+        return ["--model", str(result)] + (["--embedding", str(pivotal)] if pivotal.is_file() else [])
     args = ["--model", str(opts.model)] if opts.model else []
     if method == "lora":
         args += ["--lora", str(result)]
     elif method == "textual_inversion":
         args += ["--embedding", str(result)]
     return args
+
+
+def _same_eval(saved: str | None, command: str) -> bool:
+    """Whether a saved base-model eval ran this command, wherever its output went (a copied eval folder counts)."""
+    def key(cmd: str) -> list[str]:
+        words = shlex.split(cmd)
+        i = words.index("--out") if "--out" in words else -1
+        return words[:i] + words[i + 2:] if i >= 0 else words
+    return saved is not None and key(saved) == key(command)
 
 
 def eval_single(opts, name: str, method: str | None = None, result: str | None = None) -> dict:
@@ -206,7 +216,7 @@ def eval_single(opts, name: str, method: str | None = None, result: str | None =
             *_result_args(opts, method, result)]
     command = "sdstack " + shlex.join(args)
     saved = out_dir / "row.json"
-    if method is None and saved.is_file() and json.loads(saved.read_text()).get("single_command") == command:
+    if method is None and saved.is_file() and _same_eval(json.loads(saved.read_text()).get("single_command"), command):
         print(f"base model's single score from {out_dir} (same command)", flush=True)
         return json.loads(saved.read_text())
     _, seconds = _sdstack(args, opts.out / "logs" / f"eval-single-{name}.log", opts.threads)
@@ -223,7 +233,7 @@ def eval_concept(opts, name: str, concept: str, method: str | None, result: str 
             *_eval_args(opts, opts.limit), *_result_args(opts, method, result)]
     command = "sdstack " + shlex.join(args)
     saved = out_dir / "row.json"
-    if method is None and saved.is_file() and json.loads(saved.read_text()).get("concept_command") == command:
+    if method is None and saved.is_file() and _same_eval(json.loads(saved.read_text()).get("concept_command"), command):
         print(f"base model's {concept} share from {out_dir} (same command)", flush=True)
         return json.loads(saved.read_text())
     _, seconds = _sdstack(args, opts.out / "logs" / f"eval-concept-{name}.log", opts.threads)

@@ -301,7 +301,7 @@ class FinetuneTask(Task):
         """UNet (or all) at `lr`; a LoRA's text-encoder layers at lora.text_encoder_lr and the token vectors of a
         pivotal LoRA at textual_inversion.lr, where those are set."""
         te_lr = self.cfg.lora.text_encoder_lr if self.cfg.method == "lora" else 0.0
-        vec_lr = self.cfg.textual_inversion.lr if self.cfg.method == "lora" else 0.0
+        vec_lr = self.cfg.textual_inversion.lr if self.cfg.method != "textual_inversion" else 0.0
         unet, text, vectors = [], [], []
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
@@ -523,6 +523,13 @@ class FinetuneTask(Task):
     def export(self, run_dir: Path) -> Path:
         cfg, b = self.cfg, self.bundle
         name = self.output_name()
+        pivotal = self.vectors is not None and cfg.method != "textual_inversion"
+        if pivotal:  # the token's vectors trained with the model: A1111's embedding file, used by name
+            from ..models.embeddings import save_embedding_a1111
+
+            token = cfg.textual_inversion.token
+            save_embedding_a1111(run_dir / "embeddings" / f"{token}.safetensors", token, self._vector_dict(),
+                                 step=cfg.run.max_steps, sd_checkpoint=b.shorthash, sd_checkpoint_name=b.name)
         if cfg.method == "lora":
             from ..models.lora_save import kohya_training_metadata, peft_lora_modules, save_kohya_lora
 
@@ -530,15 +537,8 @@ class FinetuneTask(Task):
             if cfg.lora.train_text_encoder:
                 for k, enc in enumerate(b.text_encoders):
                     modules |= peft_lora_modules(enc, "text_encoder" if k == 0 else "text_encoder_2")
-            bundled = None
-            if self.vectors is not None:  # pivotal tuning: the embedding as its own file too
-                from ..models.embeddings import save_embedding_a1111
-
-                token = cfg.textual_inversion.token
-                save_embedding_a1111(run_dir / "embeddings" / f"{token}.safetensors", token, self._vector_dict(),
-                                     step=cfg.run.max_steps, sd_checkpoint=b.shorthash, sd_checkpoint_name=b.name)
-                if cfg.lora.bundle_embedding:
-                    bundled = {token: self._vector_dict()}
+            bundled = {cfg.textual_inversion.token: self._vector_dict()} if pivotal and cfg.lora.bundle_embedding \
+                else None
             meta = kohya_training_metadata(b, modules, output_name=name, training_started_at=self.started,
                                            ss_learning_rate=cfg.optim.lr, ss_max_train_steps=cfg.run.max_steps,
                                            ss_num_epochs=self._epochs(), ss_resolution=self._resolution(),

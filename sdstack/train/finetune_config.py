@@ -106,10 +106,10 @@ class TextualInversionOptions:
     token: str = ""  # the new word; also the embedding's file name, which is how prompts use it
     init_word: str = "*"  # the new vectors start from this word's token embeddings
     num_vectors: int = 1
-    # with method lora, a token given here trains its vectors together with the LoRA (pivotal tuning) and the LoRA
-    # file carries them as `bundle_emb.<token>.*` keys, which A1111 reads; the text encoder's weights can then stay
-    # frozen, so every other word keeps its meaning
-    lr: float = 0.0  # 0 = the same as optim.lr
+    # with lora, dreambooth or full, a token given here trains its vectors together with the model (pivotal tuning):
+    # written as <run>/embeddings/<token>.safetensors, and in a LoRA file as `bundle_emb.<token>.*` keys (which A1111
+    # reads); the text encoder's weights can then stay frozen, so every other word keeps its meaning
+    lr: float = 0.0  # the vectors' learning rate when they train with another method; 0 = the same as optim.lr
 
 
 @dataclass
@@ -205,8 +205,8 @@ class FinetuneConfig:
 
     @property
     def trains_embedding(self) -> bool:
-        """Whether new token vectors train: textual inversion, or a LoRA with a token (pivotal tuning)."""
-        return self.method == "textual_inversion" or (self.method == "lora" and bool(self.textual_inversion.token))
+        """Whether new token vectors train: textual inversion, or another method given a token (pivotal tuning)."""
+        return self.method == "textual_inversion" or bool(self.textual_inversion.token)
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -273,6 +273,27 @@ def test_pivotal_lora_without_bundling_loads_in_diffusers_with_its_embedding_fil
     torch.testing.assert_close(table[ids[-1]].detach(), task.vectors[0][0].detach().float())
 
 
+def test_pivotal_dreambooth_trains_the_unet_and_the_token_and_writes_the_embedding(base, tmp_path):
+    from sdstack.models.embeddings import read_embedding
+    from sdstack.models.loader import load_model
+    from sdstack.train.finetune import FinetuneTask
+    from sdstack.train.loop import train
+
+    cfg = _cfg(base, tmp_path, "dreambooth", "optim.lr=0.01", "textual_inversion.lr=0.1", data=str(base / "data-ti"),
+               token="zring", output_name="db")
+    task = FinetuneTask(cfg)
+    assert [g["lr"] for g in task.param_groups(0.01)] == [0.01, 0.1]
+    init = task.vectors[0].detach().clone()
+    result = train(cfg, task)
+    emb = read_embedding(tmp_path / "dreambooth" / "embeddings" / "zring.safetensors")
+    torch.testing.assert_close(emb.vectors[""], task.vectors[0].detach().float())
+    assert (emb.vectors[""] - init).abs().max() > 1e-3
+    saved, plain = load_model(result["model"]), load_model(base / "model")
+    assert (_unet_out(saved.unet) - _unet_out(plain.unet)).abs().max() > 1e-4  # the UNet trained
+    for k, v in plain.text_encoders[0].state_dict().items():  # the text encoder did not
+        assert torch.equal(v, saved.text_encoders[0].state_dict()[k]), k
+
+
 def test_textual_inversion_refuses_a_word_the_vocabulary_has(base, tmp_path):
     with pytest.raises(UserError, match="already a word in the model's vocabulary"):
         _run(_cfg(base, tmp_path, "textual_inversion", token="ring"))
