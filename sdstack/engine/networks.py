@@ -16,18 +16,12 @@ class EmbeddingChain:
     """Embedding lookup for one job: the embeddings folder first, then the embeddings bundled in the job's LoRAs
     (A1111 skips a bundled embedding whose name the folder already has)."""
 
-    def __init__(self, base, extra: list, tokenizer):
-        self.base = base
-        self.extra = sorted(((tuple(tokenizer.encode(e.name)), e) for e in extra), key=lambda x: -len(x[0]))
+    def __init__(self, base, bundled):
+        self.base, self.bundled = base, bundled
 
     def find_at(self, token_ids, offset: int):
         hit = self.base.find_at(token_ids, offset) if self.base is not None else None
-        if hit is not None:
-            return hit
-        for ids, emb in self.extra:
-            if ids and tuple(int(t) for t in token_ids[offset:offset + len(ids)]) == ids:
-                return emb, len(ids)
-        return None
+        return hit if hit is not None else self.bundled.find_at(token_ids, offset)
 
 
 @dataclass
@@ -47,11 +41,11 @@ class JobNetworks:
     def embeddings(self, base, bundle):
         """The job's embedding lookup: `base` (an EmbeddingLibrary or None) plus the LoRAs' bundled embeddings
         that fit the model's text encoders (others are skipped with a warning)."""
-        from ..models.embeddings import expected_widths
+        from ..models.embeddings import EmbeddingsByName, expected_widths
 
         expected, extra = expected_widths(bundle), {}
         for lf, _, _ in self.loras:
-            for name, emb in lf.bundled_embeddings().items():
+            for name, emb in lf.bundled_embeddings.items():
                 got = {k: int(v.shape[-1]) for k, v in emb.vectors.items()}
                 if got != expected:
                     log.warning("LoRA %s: bundled embedding %r does not fit this model (%s, the model expects %s)",
@@ -60,7 +54,7 @@ class JobNetworks:
                 extra.setdefault(name, emb)
         if not extra:
             return base
-        return EmbeddingChain(base, list(extra.values()), bundle.tokenizers[0])
+        return EmbeddingChain(base, EmbeddingsByName(extra.values(), bundle.tokenizers[0]))
 
     def lora_hashes(self) -> str | None:
         if not self.loras:

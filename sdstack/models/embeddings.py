@@ -193,6 +193,20 @@ class _Scan:
     lookup: dict[int, list[tuple[tuple[int, ...], Embedding]]] = field(default_factory=dict)
 
 
+class EmbeddingsByName:
+    """A fixed set of embeddings matched against prompt tokens by name (longest name first): the embeddings
+    bundled in a job's LoRAs, or the one a fine-tune is training (its sample images)."""
+
+    def __init__(self, embeddings, tokenizer):
+        self.entries = sorted(((tuple(tokenizer.encode(e.name)), e) for e in embeddings), key=lambda x: -len(x[0]))
+
+    def find_at(self, token_ids, offset: int) -> tuple[Embedding, int] | None:
+        for ids, emb in self.entries:
+            if ids and tuple(int(t) for t in token_ids[offset:offset + len(ids)]) == ids:
+                return emb, len(ids)
+        return None
+
+
 class EmbeddingLibrary:
     """The embeddings folder (A1111 `embeddings/`), scanned recursively, matched against prompt tokens.
 

@@ -16,6 +16,7 @@ Scale per module (A1111 `calc_scale`): alpha / rank, alpha defaulting to rank; a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -85,8 +86,10 @@ class LoraFile:
     def alias(self) -> str:
         return str(self.metadata.get("ss_output_name") or self.name)
 
+    @functools.cached_property
     def bundled_embeddings(self) -> dict:
-        """{name: Embedding} from the file's `bundle_emb.*` keys; UserError for one that is not an embedding."""
+        """{name: Embedding} from the file's `bundle_emb.*` keys (read once per loaded file); UserError for one
+        that is not an embedding."""
         from .embeddings import Embedding, vectors_from_data
 
         grouped: dict[str, dict] = {}
@@ -98,9 +101,9 @@ class LoraFile:
                     data.setdefault("string_to_param", {})[rest[len("string_to_param."):]] = t
                 else:
                     data[rest] = t
-        return {name: Embedding(name=name, vectors=vectors_from_data(data, f"LoRA {self.name}: {BUNDLE_PREFIX}{name}"),
-                                hash=self.hash_sha256, path=self.path)
-                for name, data in grouped.items()}
+        where = f"LoRA {self.name}: {BUNDLE_PREFIX}"
+        return {name: Embedding(name=name, vectors=vectors_from_data(data, where + name), hash=self.hash_sha256,
+                                path=self.path) for name, data in grouped.items()}
 
 
 def read_lora(path: str | Path, hash_cache: HashCache | None = None) -> LoraFile:
@@ -358,7 +361,7 @@ def apply_loras(bundle, loras: Sequence[tuple[LoraFile, float, float]]) -> Itera
     matches = []
     for lora, _, _ in loras:
         m = match_lora(lora, bundle)
-        if not m.modules and not any(k.startswith(BUNDLE_PREFIX) for k in lora.tensors):
+        if not m.modules and not lora.bundled_embeddings:
             raise UserError(f"LoRA {lora.name!r} ({lora.path or lora.name}) has no keys that match this "
                             f"{getattr(bundle, 'family', '')} model; is it for another model family?")
         _warn_unmatched(m)

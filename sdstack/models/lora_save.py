@@ -31,7 +31,7 @@ from typing import Mapping
 import torch
 
 from ..errors import UserError
-from .lora import ldm_unet_module_names
+from .lora import BUNDLE_PREFIX, ldm_unet_module_names
 from ..fsio import atomic_write
 
 NETWORK_MODULE = "networks.lora"
@@ -192,9 +192,9 @@ def bundled_embedding_tensors(name: str, vectors: Mapping[str, torch.Tensor]) ->
     if not name or any(c.isspace() or c == "." for c in name):
         raise ValueError(f"bundled embedding name must be one word without dots, got {name!r}")
     if set(vectors) == {""}:
-        return {f"bundle_emb.{name}.string_to_param.*": vectors[""].detach().float().cpu().contiguous()}
+        return {f"{BUNDLE_PREFIX}{name}.string_to_param.*": vectors[""].detach().float().cpu().contiguous()}
     if set(vectors) == {"clip_l", "clip_g"}:
-        return {f"bundle_emb.{name}.{k}": v.detach().float().cpu().contiguous() for k, v in vectors.items()}
+        return {f"{BUNDLE_PREFIX}{name}.{k}": v.detach().float().cpu().contiguous() for k, v in vectors.items()}
     raise ValueError(f"embedding vectors must be keyed '' or clip_l/clip_g, got {sorted(vectors)}")
 
 

@@ -213,7 +213,7 @@ def _finetune_command(method: str, doc: str):
     @click.option("--rank", type=int, default=None, help="LoRA rank.")
     @click.option("--alpha", type=float, default=None, help="LoRA alpha (scale alpha / rank).")
     @click.option("--token", default=None, help="Textual inversion: the new word (and embedding file name). With "
-                  "lora: a new word whose vectors train with the LoRA and ship inside its file (pivotal tuning).")
+                  "lora, dreambooth or full: a new word whose vectors train with the model (pivotal tuning).")
     @click.option("--init-word", default=None, help="Textual inversion: start from this word's embedding.")
     @click.option("--num-vectors", type=int, default=None, help="Textual inversion: vectors per token.")
     @click.option("--instance-prompt", default=None, help="DreamBooth: caption of images without one.")

@@ -7,7 +7,8 @@ Methods:
 - dreambooth: the UNet (and optionally the text encoder) trains; with prior preservation, class images made by
   the base model are mixed in as kohya's regularisation subset and their loss weighs `prior_loss_weight`.
 - textual_inversion: only the new token's vectors train; saved in A1111's embedding format, named by the token.
-  A LoRA run given a token trains its vectors too (pivotal tuning); the LoRA file carries them (`bundle_emb.*`).
+  A lora, dreambooth or full run given a token trains its vectors too (pivotal tuning): written as
+  `embeddings/<token>.safetensors`, and a LoRA file also carries them (`bundle_emb.*`).
 - full: the UNet (and optionally the text encoders) trains; saved as a diffusers folder and a single file.
 
 Data: `sdstack.data.dataset` (kohya folders, metadata.jsonl, dataset TOML, aspect buckets, caption options),
@@ -135,22 +136,6 @@ class FinetuneModule(torch.nn.Module):
                          added_cond_kwargs=added).sample
 
 
-class _LiveEmbedding:
-    """The embedding being trained, as the engine's embedding library (for sample images)."""
-
-    def __init__(self, name: str, tokenizer, vectors, family: str):
-        from ..models.embeddings import Embedding
-
-        self.ids = tuple(tokenizer.encode(name))
-        keys = ["clip_l", "clip_g"] if family == "sdxl" else [""]
-        self.emb = Embedding(name=name, vectors={k: v.detach().float() for k, v in zip(keys, vectors)})
-
-    def find_at(self, token_ids, offset: int):
-        if tuple(int(t) for t in token_ids[offset:offset + len(self.ids)]) == self.ids:
-            return self.emb, len(self.ids)
-        return None
-
-
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -273,11 +258,11 @@ class FinetuneTask(Task):
 
     def _check_trigger_in_captions(self, token: str) -> None:
         used = sum(1 for it in self.index.items if any(s for s in self.text._tokens(it.caption)[1]))
+        what = "textual inversion" if self.cfg.method == "textual_inversion" else "pivotal tuning"
         if not used:
-            raise UserError(f"textual inversion: no caption contains the token {token!r}; put it in the captions "
+            raise UserError(f"{what}: no caption contains the token {token!r}; put it in the captions "
                             f"(e.g. \"a photo of {token}\")", field="textual_inversion.token")
-        log.info("%s: %d of %d captions contain %r", "textual inversion" if self.cfg.method == "textual_inversion"
-                 else "pivotal tuning", used, len(self.index.items), token)
+        log.info("%s: %d of %d captions contain %r", what, used, len(self.index.items), token)
 
     # ------------------------------------------------------------------ what trains
 
@@ -482,10 +467,13 @@ class FinetuneTask(Task):
     # ------------------------------------------------------------------ samples and export
 
     def _embeddings(self):
+        """The embedding being trained, as the engine's embedding lookup (sample images); None without one."""
         if self.vectors is None:
             return None
-        return _LiveEmbedding(self.cfg.textual_inversion.token, self.bundle.tokenizers[0], self.vectors,
-                              self.bundle.family)
+        from ..models.embeddings import Embedding, EmbeddingsByName
+
+        emb = Embedding(name=self.cfg.textual_inversion.token, vectors=self._vector_dict(device=None))
+        return EmbeddingsByName([emb], self.bundle.tokenizers[0])
 
     @torch.no_grad()
     def generate(self, prompts, seeds, **overrides) -> list:
@@ -523,13 +511,16 @@ class FinetuneTask(Task):
     def export(self, run_dir: Path) -> Path:
         cfg, b = self.cfg, self.bundle
         name = self.output_name()
-        pivotal = self.vectors is not None and cfg.method != "textual_inversion"
-        if pivotal:  # the token's vectors trained with the model: A1111's embedding file, used by name
+        vectors = self._vector_dict() if self.vectors is not None else None
+        if vectors is not None:  # A1111's embedding file, used by name; beside the model when trained with one
             from ..models.embeddings import save_embedding_a1111
 
             token = cfg.textual_inversion.token
-            save_embedding_a1111(run_dir / "embeddings" / f"{token}.safetensors", token, self._vector_dict(),
-                                 step=cfg.run.max_steps, sd_checkpoint=b.shorthash, sd_checkpoint_name=b.name)
+            where = run_dir if cfg.method == "textual_inversion" else run_dir / "embeddings"
+            embedding = save_embedding_a1111(where / f"{token}.safetensors", token, vectors, step=cfg.run.max_steps,
+                                             sd_checkpoint=b.shorthash, sd_checkpoint_name=b.name)
+            if cfg.method == "textual_inversion":
+                return embedding
         if cfg.method == "lora":
             from ..models.lora_save import kohya_training_metadata, peft_lora_modules, save_kohya_lora
 
@@ -537,7 +528,7 @@ class FinetuneTask(Task):
             if cfg.lora.train_text_encoder:
                 for k, enc in enumerate(b.text_encoders):
                     modules |= peft_lora_modules(enc, "text_encoder" if k == 0 else "text_encoder_2")
-            bundled = {cfg.textual_inversion.token: self._vector_dict()} if pivotal and cfg.lora.bundle_embedding \
+            bundled = {cfg.textual_inversion.token: vectors} if vectors is not None and cfg.lora.bundle_embedding \
                 else None
             meta = kohya_training_metadata(b, modules, output_name=name, training_started_at=self.started,
                                            ss_learning_rate=cfg.optim.lr, ss_max_train_steps=cfg.run.max_steps,
@@ -547,13 +538,6 @@ class FinetuneTask(Task):
                                            ss_lr_scheduler=cfg.optim.decay, ss_seed=cfg.run.seed,
                                            **self.index.kohya_metadata())
             return save_kohya_lora(run_dir / f"{name}.safetensors", b, modules, metadata=meta, embeddings=bundled)
-        if cfg.method == "textual_inversion":
-            from ..models.embeddings import save_embedding_a1111
-
-            token = cfg.textual_inversion.token
-            return save_embedding_a1111(run_dir / f"{token}.safetensors", token, self._vector_dict(),
-                                        step=cfg.run.max_steps,
-                                        sd_checkpoint=b.shorthash, sd_checkpoint_name=b.name)
         from ..models.single_file import write_single_file
         from ..models.tiny import save_diffusers_folder
 
@@ -562,11 +546,12 @@ class FinetuneTask(Task):
             write_single_file(b, run_dir / f"{name}.safetensors")
         return folder
 
-    def _vector_dict(self) -> dict[str, torch.Tensor]:
-        """The trained token vectors keyed as embedding files hold them: "" or clip_l / clip_g (SDXL)."""
+    def _vector_dict(self, device="cpu") -> dict[str, torch.Tensor]:
+        """The trained token vectors keyed as embedding files hold them: "" or clip_l / clip_g (SDXL), float32, on
+        `device` (None: where they train)."""
         from ..models.embeddings import embedding_keys
 
-        return {k: v.detach().float().cpu() for k, v in zip(embedding_keys(self.bundle), self.vectors)}
+        return {k: v.detach().float().to(device or v.device) for k, v in zip(embedding_keys(self.bundle), self.vectors)}
 
     def _epochs(self) -> int:
         """kohya's ss_num_epochs: epochs the run's batches span (bucketed epochs end with short batches)."""

@@ -77,7 +77,7 @@ class LoraOptions:
     text_encoder_lr: float = 0.0  # 0 = the same as optim.lr
     # pivotal tuning (a textual_inversion.token given): the token's vectors go into the LoRA file as A1111's
     # `bundle_emb.*` keys (A1111 and Forge read them; diffusers' load_lora_weights refuses such a file) and, always,
-    # into <run>/embeddings/<token>.safetensors (A1111's embedding format, which diffusers' load_textual_inversion reads)
+    # into <run>/embeddings/<token>.safetensors (A1111's format; diffusers' load_textual_inversion reads it)
     bundle_embedding: bool = True
 
 

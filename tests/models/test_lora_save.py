@@ -245,7 +245,7 @@ def test_bundled_embeddings_are_written_as_a1111_reads_them_and_read_back(tmp_pa
     for vectors in (one, two):
         path = tmp_path / "x.safetensors"
         save_file({"lora_unet_a.alpha": torch.tensor(1.0), **bundled_embedding_tensors("zwx", vectors)}, path)
-        emb = read_lora(path).bundled_embeddings()["zwx"]
+        emb = read_lora(path).bundled_embeddings["zwx"]
         assert emb.vectors.keys() == vectors.keys()
         for k in vectors:
             torch.testing.assert_close(emb.vectors[k], vectors[k], rtol=0, atol=0)
