@@ -196,7 +196,7 @@ class _Transformer:
             h = F.linear(f, out.weight, out.bias) + h
         w_out = m.proj_out.weight
         h = F.linear(h, w_out if m.use_linear_projection else w_out.flatten(1), m.proj_out.bias)
-        return h.transpose(1, 2).reshape(b, -1, hgt, wid) + x
+        return h.transpose(1, 2).reshape(b, -1, hgt, wid).contiguous() + x
 
 
 class FastUNet:
