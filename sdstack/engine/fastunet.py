@@ -97,6 +97,7 @@ class _Attention:
     def __init__(self, attn, self_attention: bool):
         self.a = attn
         self.heads = attn.heads
+        self.head_dim = attn.to_q.out_features // attn.heads
         if self_attention:
             self.qkv = _Fused([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
         else:
@@ -116,21 +117,26 @@ class _Attention:
                 and not attn.upcast_attention and not attn.upcast_softmax
                 and abs(attn.scale - (attn.to_q.out_features // attn.heads) ** -0.5) < 1e-12)
 
-    def __call__(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention's keys and values of `context`, as (batch, heads, tokens, d)."""
+        k, v = F.linear(context, self.kv.get()).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        # (batch, tokens, heads * d) -> (batch, heads, tokens, d) with fixed sizes only: a traced graph then holds
+        # no shape arithmetic (size/Int nodes), which an interpreter step costs as much as a small kernel
+        return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor | None,
+                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         a = self.a
-        b, n, _ = x.shape
         if self.self_attention:
-            q, k, v = F.linear(x, self.qkv.get()).chunk(3, dim=-1)
+            q, k, v = (self._heads(t) for t in F.linear(x, self.qkv.get()).chunk(3, dim=-1))
         else:
-            q = F.linear(x, a.to_q.weight)
-            k, v = F.linear(context, self.kv.get()).chunk(2, dim=-1)
-        d = q.shape[-1] // self.heads
-        q = q.view(b, -1, self.heads, d).transpose(1, 2)
-        k = k.reshape(b, -1, self.heads, d).transpose(1, 2)
-        v = v.reshape(b, -1, self.heads, d).transpose(1, 2)
+            q = self._heads(F.linear(x, a.to_q.weight))
+            k, v = kv if kv is not None else self.project_context(context)
         h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(1, 2).reshape(b, n, self.heads * d)
-        return F.linear(h, a.to_out[0].weight, a.to_out[0].bias)
+        return F.linear(h.transpose(1, 2).flatten(2), a.to_out[0].weight, a.to_out[0].bias)
 
 
 class _Transformer:
@@ -171,9 +177,10 @@ class _Transformer:
                 return False
         return True
 
-    def __call__(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, context: torch.Tensor, kv=None) -> torch.Tensor:
+        """`kv`: an iterator over precomputed (keys, values) of the context, one pair per cross-attention, in order
+        (FastUNet.context_kv), or None to project the context here."""
         m = self.m
-        b, c, hgt, wid = x.shape
         h = F.group_norm(x, m.norm.num_groups, m.norm.weight, m.norm.bias, m.norm.eps)
         h = h.flatten(2).transpose(1, 2)  # (b, pixels, channels), a view
         w_in = m.proj_in.weight
@@ -183,7 +190,8 @@ class _Transformer:
             h = attn1(F.layer_norm(h, n1.normalized_shape, n1.weight, n1.bias, n1.eps), None) + h
             if attn2 is not None:
                 n2 = blk.norm2
-                h = attn2(F.layer_norm(h, n2.normalized_shape, n2.weight, n2.bias, n2.eps), context) + h
+                h = attn2(F.layer_norm(h, n2.normalized_shape, n2.weight, n2.bias, n2.eps), context,
+                          next(kv) if kv is not None else None) + h
             n3 = blk.norm3
             f = F.layer_norm(h, n3.normalized_shape, n3.weight, n3.bias, n3.eps)
             act, out = blk.ff.net[0], blk.ff.net[2]
@@ -196,7 +204,9 @@ class _Transformer:
             h = F.linear(f, out.weight, out.bias) + h
         w_out = m.proj_out.weight
         h = F.linear(h, w_out if m.use_linear_projection else w_out.flatten(1), m.proj_out.bias)
-        return h.transpose(1, 2).reshape(b, -1, hgt, wid).contiguous() + x
+        # back to NCHW in contiguous memory: in a channels-last-strided layout every following convolution copies
+        # its weight on every call (8% of a shapes-v1 step)
+        return h.transpose(1, 2).reshape_as(x).contiguous() + x
 
 
 class FastUNet:
@@ -231,11 +241,19 @@ class FastUNet:
         self.temb_w = _Fused([p.weight for p in projs])
         self.temb_b = _Fused([p.bias for p in projs])
         attentions = [a for tr in self._transformers() for _, a1, a2 in tr.blocks for a in (a1, a2) if a is not None]
+        in_order = [a for _, attns, _ in self.down for a in attns if a is not None] + [a for a, _ in self.mid[1]]
+        in_order += [a for _, attns, _ in self.up for a in attns if a is not None]
+        self.cross = [a2 for tr in in_order for _, _, a2 in tr.blocks if a2 is not None]  # in the order of a call
         self.fused = [self.temb_w, self.temb_b] + [a.qkv if a.self_attention else a.kv for a in attentions]
 
     def _transformers(self) -> list:
         out = [a for _, attns, _ in self.down + self.up for a in attns if a is not None]
         return out + [a for a, _ in self.mid[1]]
+
+    def context_kv(self, context: torch.Tensor) -> list[torch.Tensor]:
+        """Every cross-attention's keys and values of `context`, flat (k0, v0, k1, v1, ...) in call order: they
+        depend only on the prompt, so a sampling run computes them once instead of at every step."""
+        return [t for a in self.cross for t in a.project_context(context)]
 
     def sync_fused(self) -> None:
         """Bring every fused weight up to date (in place) with its sources: before a traced call, which reads them."""
@@ -297,8 +315,10 @@ class FastUNet:
         return True
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                 added_cond_kwargs: dict | None = None) -> torch.Tensor:
+                 added_cond_kwargs: dict | None = None, kv: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`kv`: `context_kv(context)`, precomputed, or None to project the context in each cross-attention."""
         u = self.unet
+        kv = iter(list(zip(kv[0::2], kv[1::2]))) if kv else None
         t_emb = u.get_time_embed(sample=sample, timestep=timestep)
         emb = u.time_embedding(t_emb, None)
         if u.config.addition_embed_type is not None:
@@ -311,7 +331,7 @@ class FastUNet:
             for r, a in zip(resnets, attns):
                 h = r(h, temb_all)
                 if a is not None:
-                    h = a(h, context)
+                    h = a(h, context, kv)
                 skips.append(h)
             if downs:
                 for d in downs:
@@ -321,13 +341,13 @@ class FastUNet:
         first, rest = self.mid
         h = first(h, temb_all)
         for a, r in rest:
-            h = r(a(h, context), temb_all)
+            h = r(a(h, context, kv), temb_all)
 
         for resnets, attns, ups in self.up:
             for r, a in zip(resnets, attns):
                 h = r(torch.cat([h, skips.pop()], dim=1), temb_all)
                 if a is not None:
-                    h = a(h, context)
+                    h = a(h, context, kv)
             if ups:
                 size = skips[-1].shape[2:] if skips else None
                 for up in ups:
@@ -484,6 +504,7 @@ class UNetRunner:
         self.calls: dict = {}  # input signature -> calls so far (kept across refresh: it measures use)
         # traced calls of an even batch run as two halves on two threads (HalfWorkers); SDSTACK_UNET_SPLIT=0: off
         self.split = _env_on("SDSTACK_UNET_SPLIT") if split is None else split
+        self._kv_cache = None  # (context, its version, the weights' versions, FastUNet.context_kv(context))
         self.refresh()
 
     def refresh(self) -> None:
@@ -492,6 +513,7 @@ class UNetRunner:
         forward. Weights changed in place (a LoRA merge, an optimizer step) need nothing more: traced graphs read
         the model's tensors, and the fused copies are rewritten in place here. A tensor replaced, added or cast
         (new storage, dtype or identity) rebuilds FastUNet and drops the traces."""
+        self._kv_cache = None
         params = list(self.unet.parameters()) + list(self.unet.buffers())
         small = sum(p.numel() for p in params) < SMALL_UNET_PARAMS
         if not (self.enabled and small and FastUNet.supports(self.unet)):
@@ -504,6 +526,18 @@ class UNetRunner:
             self.traces.clear()
         self.fast.sync_fused()
 
+    def context_kv(self, context: torch.Tensor) -> list[torch.Tensor]:
+        """The cross-attentions' keys and values of `context`, computed once per context tensor: the sampler hands
+        the same tensor at every step of a run (engine.guidance), so a 20-step image projects its prompts once
+        instead of 20 times. Kept while that very tensor, unchanged, comes back with the same weights."""
+        weights = tuple(p._version for a in self.fast.cross for p in a.kv.parts)
+        cached = self._kv_cache
+        if cached is not None and cached[0] is context and cached[1] == context._version and cached[2] == weights:
+            return cached[3]
+        kv = self.fast.context_kv(context)
+        self._kv_cache = (context, context._version, weights, kv)
+        return kv
+
     def usable(self, x: torch.Tensor) -> bool:
         return (self.fast is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
                 and not self.unet.training)
@@ -512,48 +546,51 @@ class UNetRunner:
         if not self.usable(x):
             return self.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs).sample
         t = t.expand(x.shape[0]) if t.ndim else t.reshape(1).expand(x.shape[0])
+        kv = self.context_kv(context)
         if not self.trace_ok:
-            return self.fast(x, t, context, added_cond_kwargs)
+            return self.fast(x, t, context, added_cond_kwargs, kv)
         extra = () if added_cond_kwargs is None else (added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"])
-        args = (x, t, context, *extra)
+        args = (x, t, context, *extra, *kv)
         sig = _signature(args)
         if sig not in self.traces:
             seen = self.calls[sig] = self.calls.get(sig, 0) + 1
             if seen <= self.eager_calls:
-                return self.fast(x, t, context, added_cond_kwargs)
+                return self.fast(x, t, context, added_cond_kwargs, kv)
         threads = torch.get_num_threads()
         if self.split and x.shape[0] % 2 == 0 and threads >= 2:
             half = x.shape[0] // 2
             lo, hi = tuple(a[:half] for a in args), tuple(a[half:] for a in args)
-            fn = self._traced(_signature(lo), lo)
+            fn = self._traced(_signature(lo), lo, len(extra))
             if fn is not None:
                 return torch.cat(half_workers(threads).run(fn, lo, hi))
-        fn = self._traced(sig, args)
+        fn = self._traced(sig, args, len(extra))
         if fn is None:
-            return self.fast(x, t, context, added_cond_kwargs)
+            return self.fast(x, t, context, added_cond_kwargs, kv)
         # the graph executor's optimising passes (profiling runs, fusion) cost ~0.3 s in the first two calls and
         # gain nothing measurable here (21.9 against 22.0 ms a shapes-v1 step)
         with torch.jit.optimized_execution(False):
             return fn(*args)
 
-    def _traced(self, sig, args):
-        """The trace for this input signature, made now if missing (None if tracing failed)."""
+    def _traced(self, sig, args, n_extra: int):
+        """The trace for this input signature, made now if missing (None if tracing failed). `args`: x, t,
+        context, then `n_extra` added-condition tensors (SDXL), then the context's keys and values."""
         fn = self.traces.get(sig)
         if fn is None and self.trace_ok and len(self.traces) < MAX_TRACES:
-            fn = self._trace(args)
+            fn = self._trace(args, n_extra)
             if fn is None:
                 return None
             self.traces[sig] = fn
         return fn
 
-    def _trace(self, args):
+    def _trace(self, args, n_extra: int):
         import warnings
 
         fast = self.fast
 
-        def run(x, t, context, *extra):
+        def run(x, t, context, *rest):
+            extra, kv = rest[:n_extra], list(rest[n_extra:])
             added = None if not extra else {"text_embeds": extra[0], "time_ids": extra[1]}
-            return fast(x, t, context, added)
+            return fast(x, t, context, added, kv)
 
         try:
             with warnings.catch_warnings():

@@ -290,3 +290,40 @@ def test_every_activation_stays_in_contiguous_layout(family):
         for h in hooks:
             h.remove()
     assert seen and all(seen), f"{seen.count(False)} of {len(seen)} convolutions got a permuted input"
+
+
+def test_context_keys_and_values_are_projected_once_per_context():
+    """The sampler hands the same context tensor at every step; the runner projects its cross-attention keys and
+    values once, and again only for another tensor, an in-place change of it, or changed to_k / to_v weights."""
+    unet = tiny_bundle("sd1").unet.eval()
+    runner = UNetRunner(unet)
+    runner.eager_calls = 1  # one untraced call, then traced ones: both must use the cache alike
+    x, t, ctx, _ = inputs(unet, "sd1")
+    projected = []
+    original = runner.fast.context_kv
+    runner.fast.context_kv = lambda c: projected.append(c) or original(c)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
+        assert len(projected) == 1
+        unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.mul_(2.0)
+        torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
+        assert len(projected) == 2, "a changed to_k weight must make new keys"
+        ctx.mul_(0.5)
+        torch.testing.assert_close(runner(x, t, ctx), reference(unet, x, t, ctx, None), rtol=1e-4, atol=1e-5)
+        other = ctx.clone()
+        torch.testing.assert_close(runner(x, t, other), reference(unet, x, t, other, None), rtol=1e-4, atol=1e-5)
+        assert len(projected) == 4
+
+
+def test_guidance_hands_the_same_context_tensor_at_every_step():
+    from sdstack.engine.generate import generate as gen
+
+    bundle = tiny_bundle("sd1")
+    runner = unet_runner(bundle)
+    seen = []
+    original = runner.context_kv
+    runner.context_kv = lambda c: seen.append(c) or original(c)
+    gen(bundle, make_params(prompt="a red circle", steps=6, width=64, height=64, seed=3, cfg_scale=5.0,
+                            sampler_name="Euler"))
+    assert len(seen) == 6 and all(c is seen[0] for c in seen)
