@@ -79,7 +79,7 @@ class Parts:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from sdstack.models.tokenizer import ClipTokenizer
+        from sdstack.models.tokenizer import VOCAB_SIZE, ClipTokenizer
         from sdstack.train.diffusion import training_alphas
         from sdstack.train.text2image import PAD
 
@@ -89,7 +89,8 @@ class Parts:
         sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         self.alpha_bar = training_alphas(sched).float()
         self.v_pred = sched.get("prediction_type") == "v_prediction"
-        self.tok = ClipTokenizer(pad_token_id=PAD)
+        trimmed = self.te.config.vocab_size != VOCAB_SIZE  # a trimmed vocabulary (the built-in model's) is its own
+        self.tok = ClipTokenizer.from_pretrained(folder / "tokenizer") if trimmed else ClipTokenizer(pad_token_id=PAD)
         self.scale = self.vae.config.scaling_factor
 
     def context(self, prompts: list[str]) -> torch.Tensor:

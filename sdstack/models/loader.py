@@ -15,7 +15,7 @@ from ..errors import UserError
 from .bundle import ModelBundle
 from .hashing import HashCache, tree_sha256
 from .io import read_state_dict
-from .tokenizer import ClipTokenizer
+from .tokenizer import VOCAB_SIZE, ClipTokenizer
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -53,6 +53,25 @@ def build_text_encoder(config: dict, sd: dict, with_projection: bool) -> torch.n
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     cfg = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"})
     return _fill(_empty(lambda: cls(cfg)), sd, f"text encoder ({cls.__name__})")
+
+
+def _folder_tokenizers(root: Path, family: str, encoders) -> list[ClipTokenizer]:
+    """CLIP's own vocabulary for every text encoder with its 49408 tokens; the folder's tokenizer for one with
+    another count (a trimmed vocabulary, as the built-in model's)."""
+    out = _tokenizers(family)
+    for i, (enc, name) in enumerate(zip(encoders, ["tokenizer", "tokenizer_2"])):
+        rows = enc.get_input_embeddings().weight.shape[0]
+        if rows == VOCAB_SIZE:
+            continue
+        try:
+            tok = ClipTokenizer.from_pretrained(root / name)
+        except ValueError as e:
+            raise UserError(f"{root}: the text encoder has {rows} tokens, not CLIP's {VOCAB_SIZE}, so its own "
+                            f"vocabulary is needed: {e}") from None
+        if tok.vocab_size != rows:
+            raise UserError(f"{root / name}: {tok.vocab_size} tokens, but the text encoder has {rows}")
+        out[i] = tok
+    return out
 
 
 def _tokenizers(family: str) -> list[ClipTokenizer]:
@@ -103,7 +122,8 @@ def _load_diffusers_folder(root: Path) -> ModelBundle:
         family = "sd2" if encoders[0].config.hidden_act == "gelu" else "sd1"
     sched_file = root / "scheduler" / "scheduler_config.json"
     schedule = _read_json(sched_file) if sched_file.is_file() else {}
-    return ModelBundle(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=_tokenizers(family),
+    return ModelBundle(family=family, unet=unet, vae=vae, text_encoders=encoders,
+                       tokenizers=_folder_tokenizers(root, family, encoders),
                        prediction_type=schedule.get("prediction_type", "epsilon"), schedule=schedule)
 
 

@@ -26,6 +26,7 @@ from .detect import DetectedModel, detect_family, guess_v_prediction, yaml_predi
 from ..fsio import atomic_path
 
 METADATA_KEY = "sdstack_configs"
+VOCAB_KEY = "sdstack_vocabularies"  # a trimmed vocabulary's merges and pad token, per text encoder (null: CLIP's own)
 CONFIG_PARTS = ("family", "unet", "vae", "text_encoders", "scheduler")
 
 
@@ -46,6 +47,20 @@ def _configs_from_metadata(metadata: Mapping[str, str] | None) -> dict | None:
     if missing:
         raise CheckpointKeyError(f"the file's {METADATA_KEY!r} metadata lacks {', '.join(missing)}")
     return cfg
+
+
+def _vocabularies(metadata: Mapping[str, str] | None, n: int) -> list:
+    raw = (metadata or {}).get(VOCAB_KEY)
+    if raw is None:
+        return [None] * n
+    try:
+        vocabs = json.loads(raw)
+        if not (isinstance(vocabs, list) and len(vocabs) == n and all(
+                v is None or (isinstance(v.get("merges"), list) and isinstance(v.get("pad_token"), str)) for v in vocabs)):
+            raise ValueError(f"expected a list of {n} entries, each null or with merges and pad_token")
+    except (ValueError, AttributeError) as e:
+        raise CheckpointKeyError(f"the file's {VOCAB_KEY!r} metadata is not readable: {e}") from None
+    return vocabs
 
 
 def instantiate(family: str, configs: Mapping, *, empty: bool = False) -> tuple:
@@ -123,6 +138,10 @@ def write_single_file(bundle: ModelBundle, path: str | Path) -> Path:
     ldm = diffusers_to_ldm(components, bundle.family, configs)
     tensors = {k: v.detach().cpu().contiguous() for k, v in ldm.items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs, default=str)}
+    if not all(t.is_standard for t in bundle.tokenizers):  # a single file has no tokenizer folder: keep it here
+        metadata[VOCAB_KEY] = json.dumps([None if t.is_standard else {"merges": [" ".join(m) for m in t.merges()],
+                                                                       "pad_token": t.pad_token}
+                                          for t in bundle.tokenizers])
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
@@ -173,6 +192,15 @@ def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32) ->
     if detected.zero_snr:
         schedule["rescale_betas_zero_snr"] = True
     pads = [0 if layout == "openclip" else 49407 for _, layout, _ in LAYOUTS[detected.family]["text_encoders"]]
+    tokenizers = [ClipTokenizer(pad_token_id=p) for p in pads]
+    for i, vocab in enumerate(_vocabularies(metadata, len(encoders))):
+        if vocab is not None:
+            tokenizers[i] = ClipTokenizer.from_merges([m.split(" ") for m in vocab["merges"]], vocab["pad_token"])
+    for enc, tok in zip(encoders, tokenizers):
+        rows = enc.get_input_embeddings().weight.shape[0]
+        if rows != tok.vocab_size:
+            raise CheckpointKeyError(f"{path.name}: the text encoder has {rows} tokens, its vocabulary "
+                                     f"{tok.vocab_size} (a trimmed vocabulary must be in the {VOCAB_KEY!r} metadata)")
     return ModelBundle(family=detected.family, unet=unet, vae=vae, text_encoders=encoders,
-                       tokenizers=[ClipTokenizer(pad_token_id=p) for p in pads], prediction_type=prediction,
+                       tokenizers=tokenizers, prediction_type=prediction,
                        schedule=schedule, name=path.stem, path=path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 _CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -142,6 +144,27 @@ def export(source, dest, fp16, vae, no_ema):
     from .text2image import export_model
 
     click.echo(f"written {export_model(source, dest, fp16=fp16, vae=vae, use_ema=not no_ema)}")
+
+
+@train.command("trim-vocab")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--keep", type=int, default=10000, show_default=True,
+              help="CLIP's first N merges to keep (common English words and pieces), besides those the texts need.")
+@click.option("--world", is_flag=True, help="Keep every word of the shapes world (captions, eval and concept prompts).")
+@click.option("--text", "text_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Keep every word of this file's lines (e.g. your training captions); repeatable.")
+def trim_vocab(source, dest, keep, world, text_files):
+    """Write SOURCE to DEST with its text-encoder vocabulary trimmed: the kept words tokenize and encode exactly as
+    before, other text splits into shorter known pieces, and the token table holds only the kept rows."""
+    from ..models.trim_vocab import trim_model_vocabulary, world_texts
+
+    texts = world_texts() if world else []
+    for f in text_files:
+        texts += Path(f).read_text(encoding="utf-8", errors="replace").splitlines()
+    r = trim_model_vocabulary(source, dest, keep=keep, texts=texts)
+    click.echo(f"written {dest}: {r['tokens_before']} -> {r['tokens_after']} tokens, token table "
+               f"{r['bytes_before'] / 1e6:.1f} -> {r['bytes_after'] / 1e6:.1f} MB ({r['texts']} texts checked)")
 
 
 # ---------------------------------------------------------------------------------------------- finetune

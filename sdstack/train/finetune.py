@@ -283,9 +283,12 @@ class FinetuneTask(Task):
         return vectors
 
     def param_groups(self, lr: float) -> list[dict]:
-        """UNet (or all) at `lr`; a LoRA's text-encoder layers at lora.text_encoder_lr and the token vectors of a
-        pivotal LoRA at textual_inversion.lr, where those are set."""
-        te_lr = self.cfg.lora.text_encoder_lr if self.cfg.method == "lora" else 0.0
+        """UNet (or all) at `lr`; the text encoders (a LoRA's text-encoder layers, or the whole encoders of a
+        DreamBooth or full fine-tune) at their method's text_encoder_lr and the token vectors of a pivotal run at
+        textual_inversion.lr, where those are set."""
+        cfg = self.cfg
+        te_lr = {"lora": cfg.lora.text_encoder_lr, "dreambooth": cfg.dreambooth.text_encoder_lr,
+                 "full": cfg.text_encoder_lr}.get(cfg.method, 0.0)
         vec_lr = self.cfg.textual_inversion.lr if self.cfg.method != "textual_inversion" else 0.0
         unet, text, vectors = [], [], []
         for name, p in self.module.named_parameters():

@@ -93,6 +93,7 @@ class DreamBoothOptions:
     class_steps: int = 20
     class_cfg_scale: float = 7.0
     train_text_encoder: bool = False
+    text_encoder_lr: float = 0.0  # the text encoder's learning rate (kohya's --learning_rate_te); 0 = optim.lr
 
 
 def class_prompts(db: DreamBoothOptions) -> tuple[str, ...]:
@@ -132,6 +133,7 @@ class FinetuneConfig:
     clip_skip: int = 1
     gradient_checkpointing: bool = False
     train_text_encoder: bool = False  # full fine-tune: the text encoder(s) train too
+    text_encoder_lr: float = 0.0  # full fine-tune: their learning rate (kohya's --learning_rate_te); 0 = optim.lr
     save_single_file: bool = True  # full / dreambooth: also an A1111 single-file .safetensors
     run: RunConfig = field(default_factory=lambda: RunConfig(batch_size=1, checkpoint_every=0, sample_every=0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, decay="constant",

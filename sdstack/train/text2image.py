@@ -311,11 +311,36 @@ def init_weights(path: str) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _widen_token_table(weights: dict, own: dict, path: str) -> None:
+    """A model folder with a trimmed vocabulary (`sdstack train trim-vocab`, as the built-in model's) has fewer token
+    rows than the config's CLIP vocabulary: its rows go to their tokens' CLIP ids, the other rows keep the fresh
+    initialisation (as they were before the trim: untrained)."""
+    from ..models.tokenizer import VOCAB_SIZE, ClipTokenizer
+
+    for key, table in list(weights.items()):
+        if not key.endswith("embeddings.token_embedding.weight") or key not in own:
+            continue
+        if table.shape[0] == own[key].shape[0] or own[key].shape[0] != VOCAB_SIZE:
+            continue
+        try:
+            trimmed = ClipTokenizer.from_pretrained(Path(path) / "tokenizer")
+        except ValueError as e:
+            raise UserError(f"init_from: {path} has {table.shape[0]} token rows and no readable vocabulary: {e}",
+                            field="init_from") from None
+        if trimmed.vocab_size != table.shape[0]:
+            raise UserError(f"init_from: {path}/tokenizer has {trimmed.vocab_size} tokens, the text encoder "
+                            f"{table.shape[0]}", field="init_from")
+        wide = own[key].detach().clone()
+        wide[torch.tensor(trimmed.row_index(ClipTokenizer()))] = table.to(wide.dtype)
+        weights[key] = wide
+
+
 def load_init_weights(module: Text2ImageModule, path: str) -> None:
     """Overwrite the module's weights with those `init_from` names (cast to the module's dtypes); a model of
     another architecture stops with one line."""
     weights = init_weights(path)
     own = module.state_dict()
+    _widen_token_table(weights, own, path)
     missing = [k for k in own if k not in weights and not k.endswith("position_ids")]
     unexpected = [k for k in weights if k not in own]
     wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]

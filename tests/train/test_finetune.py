@@ -650,3 +650,21 @@ def test_sd2_v_prediction_full_finetune_loss_matches_diffusers_and_the_single_fi
     out = _unet_out(load_model(result["model"]).unet)
     assert (out - _unet_out(unet)).abs().max() > 1e-3  # the UNet trained
     torch.testing.assert_close(_unet_out(back.unet), out, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,keys", [("dreambooth", ("dreambooth.train_text_encoder=true",
+                                                         "dreambooth.text_encoder_lr=0.003")),
+                                         ("full", ("train_text_encoder=true", "text_encoder_lr=0.003"))])
+def test_dreambooth_and_full_train_the_text_encoder_at_its_own_rate(base, tmp_path, method, keys):
+    """kohya's --learning_rate_te: the whole text encoder in its own optimizer group, the UNet at optim.lr."""
+    from sdstack.train.finetune import FinetuneTask
+
+    cfg = _cfg(base, tmp_path, method, "optim.lr=0.01", *keys)
+    task = FinetuneTask(cfg)
+    groups = task.param_groups(0.01)
+    te = {id(p) for enc in task.bundle.text_encoders for p in enc.parameters()}
+    assert [g["lr"] for g in groups] == [0.01, 0.003]
+    assert {id(p) for p in groups[1]["params"]} == te
+    assert not te & {id(p) for p in groups[0]["params"]} and len(groups[0]["params"]) > 0
+    plain = FinetuneTask(_cfg(base, tmp_path / "plain", method, "optim.lr=0.01", keys[0]))
+    assert [g["lr"] for g in plain.param_groups(0.01)] == [0.01]  # 0: the text encoder at optim.lr, one group
