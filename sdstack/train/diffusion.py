@@ -41,13 +41,19 @@ def diffusion_loss(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                    alpha_bar: torch.Tensor, *, prediction_type: str, min_snr_gamma: float,
                    generator: torch.Generator, noise_offset: float = 0.0,
                    sample_weights: torch.Tensor | None = None,
-                   timesteps: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   timesteps: tuple[int, int] | None = None,
+                   other_timesteps: tuple[torch.Tensor, tuple[int, int]] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw timesteps and noise from `generator` (CPU; in this order), run `predict(noisy, t)` and return the
     weighted mean loss and the unweighted per-sample MSE. `timesteps` = (lo, hi): t uniform in [lo, hi) (kohya's
-    --min_timestep / --max_timestep); default every timestep."""
+    --min_timestep / --max_timestep); default every timestep. `other_timesteps` = (mask, (lo, hi)): the samples
+    where mask is true draw from that range instead (drawn after the others, so without it the draws are the same)."""
     b, device = x0.shape[0], x0.device
     lo, hi = timesteps or (0, len(alpha_bar))
     t = torch.randint(lo, hi, (b,), generator=generator)
+    if other_timesteps is not None:
+        mask, (olo, ohi) = other_timesteps
+        t = torch.where(mask.cpu(), torch.randint(olo, ohi, (b,), generator=generator), t)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=generator).to(device)

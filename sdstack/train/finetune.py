@@ -225,9 +225,10 @@ class FinetuneTask(Task):
             b.prediction_type = cfg.noise.prediction_type
         self.alpha_bar = training_alphas(b.schedule).float()
         n = cfg.noise
-        if n.max_timestep > len(self.alpha_bar):
-            raise UserError(f"config: noise.max_timestep ({n.max_timestep}) is above the model's "
-                            f"{len(self.alpha_bar)} training timesteps", field="noise.max_timestep")
+        for key in ("max_timestep", "prior_max_timestep"):
+            if getattr(n, key) > len(self.alpha_bar):
+                raise UserError(f"config: noise.{key} ({getattr(n, key)}) is above the model's "
+                                f"{len(self.alpha_bar)} training timesteps", field=f"noise.{key}")
         self.started = time.time()
         self.run_dir = Path(cfg.run.out)
         if cfg.prior_preservation:
@@ -440,11 +441,14 @@ class FinetuneTask(Task):
             sample_weights = torch.where(batch["reg"], torch.tensor(w), torch.tensor(1.0))
         time_ids = batch.get("time_ids")
         n = self.cfg.noise
+        other = None
+        if n.prior_max_timestep and n.prior_max_timestep != n.max_timestep and "reg" in batch:
+            other = (batch["reg"], (n.min_timestep, n.prior_max_timestep))
         loss, per_sample = diffusion_loss(lambda noisy, t: model(noisy, t, text, time_ids), x0, self.alpha_bar,
                                           prediction_type=self.bundle.prediction_type,
                                           min_snr_gamma=n.min_snr_gamma, generator=generator,
                                           noise_offset=n.noise_offset, sample_weights=sample_weights,
-                                          timesteps=(n.min_timestep, n.max_timestep))
+                                          timesteps=(n.min_timestep, n.max_timestep), other_timesteps=other)
         return loss, {"mse": float(per_sample.mean())}
 
     def validation_loss(self, model) -> float | None:

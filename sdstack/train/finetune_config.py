@@ -64,6 +64,10 @@ class FinetuneNoise:
     # of fine detail is drawn in the low-noise steps, a composition in the high-noise ones
     min_timestep: int = 0
     max_timestep: int = 1000
+    # the prior-preservation (class / reg) images' upper bound; 0 = max_timestep. A concept taught only below
+    # max_timestep still changes the text encoder's output at every step; the prior images kept on the whole range
+    # hold ordinary prompts to the base model's drawing where the concept's images say nothing
+    prior_max_timestep: int = 0
 
 
 @dataclass
@@ -157,6 +161,9 @@ class FinetuneConfig:
         if not 0 <= self.noise.min_timestep < self.noise.max_timestep:
             raise UserError(f"config: noise.min_timestep ({self.noise.min_timestep}) must be at least 0 and below "
                             f"noise.max_timestep ({self.noise.max_timestep})", field="noise.min_timestep")
+        if self.noise.prior_max_timestep and self.noise.prior_max_timestep <= self.noise.min_timestep:
+            raise UserError(f"config: noise.prior_max_timestep ({self.noise.prior_max_timestep}) must be above "
+                            f"noise.min_timestep ({self.noise.min_timestep}), or 0", field="noise.prior_max_timestep")
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self.run, name) < 1:
                 raise UserError(f"config: run.{name} must be at least 1", field=f"run.{name}")

@@ -459,6 +459,7 @@ def _cli(*args) -> int:
     (["--data", "{base}/data", "--set", "noise.min_timestep=500", "--set", "noise.max_timestep=500"],
      "noise.min_timestep (500) must be at least 0 and below noise.max_timestep (500)"),
     (["--data", "{base}/data", "--set", "noise.max_timestep=1001"], "above the model's 1000 training timesteps"),
+    (["--data", "{base}/data", "--set", "noise.prior_max_timestep=1200"], "noise.prior_max_timestep (1200) is above"),
     (["--data", "{tmp}/uncaptioned", "--set", "data.require_captions=true"], "have no caption"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_training(base, tmp_path, capsys, extra, needle):

@@ -123,3 +123,26 @@ def test_timestep_range_draws_only_from_it_and_defaults_to_every_timestep():
     b = loss_with("all", timesteps=(0, 1000))
     assert torch.equal(seen["default"], seen["all"]) and float(a) == float(b)
     assert int(seen["default"].max()) >= 500  # the default reaches the high-noise half
+
+
+def test_prior_images_can_draw_from_their_own_timestep_range():
+    """noise.prior_max_timestep: the masked (class / reg) samples draw from [lo, prior_hi), the others keep their
+    range and, the option off, the very same draws as before."""
+    from sdstack.train.diffusion import diffusion_loss
+
+    alpha_bar = torch.linspace(0.999, 0.001, 1000)
+    x0 = torch.randn(200, 4, 2, 2)
+    reg = torch.arange(200) % 2 == 1
+    drawn = []
+
+    def predict(noisy, t):
+        drawn.append(t.clone())
+        return torch.zeros_like(noisy)
+
+    for other in (None, (reg, (0, 1000))):
+        diffusion_loss(predict, x0, alpha_bar, prediction_type="epsilon", min_snr_gamma=0.0,
+                       generator=torch.Generator().manual_seed(5), timesteps=(0, 450), other_timesteps=other)
+    plain, mixed = drawn
+    assert int(plain.max()) < 450
+    assert torch.equal(mixed[~reg], plain[~reg])  # the instance samples' draws are unchanged
+    assert int(mixed[reg].max()) >= 450 and int(mixed[reg].min()) < 450  # the prior ones span the whole schedule
