@@ -350,6 +350,33 @@ def test_dreambooth_class_images_are_made_once_and_weighted(base, tmp_path, monk
         [f"class_0000{i}.png" for i in range(3)]
 
     _check_prior_loss_weight(task, 0.5)
+    _check_prior_timesteps(task)
+
+
+def _check_prior_timesteps(task) -> None:
+    """noise.prior_max_timestep: the class image of a batch draws t from its own range, the instance one below
+    max_timestep (the t the loss sees, recorded through the model call)."""
+    import dataclasses
+
+    reg = [i for i, it in enumerate(task.index.items) if task.index.subsets[it.subset].is_reg][0]
+    inst = [i for i, it in enumerate(task.index.items) if not task.index.subsets[it.subset].is_reg][0]
+    batch = task.make_batch([inst, reg], 0, 0)
+    seen = []
+
+    def model(noisy, t, text, time_ids):
+        seen.append(t.clone())
+        return torch.zeros_like(noisy)
+
+    saved = task.cfg.noise
+    try:
+        task.cfg.noise = dataclasses.replace(saved, min_timestep=0, max_timestep=10, prior_max_timestep=1000)
+        with torch.no_grad():
+            for k in range(40):
+                task.loss(model, batch, torch.Generator().manual_seed(k))
+    finally:
+        task.cfg.noise = saved
+    t = torch.stack(seen)
+    assert int(t[:, 0].max()) < 10 and int(t[:, 1].max()) >= 10
 
 
 def _check_prior_loss_weight(task, w: float) -> None:
