@@ -71,6 +71,20 @@ def _tables_merges() -> list[tuple[str, str]]:
     return sorted(ranks, key=ranks.get)
 
 
+def _bpe(token: str, ranks) -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-level BPE of one pre-token: its pieces, and the merges applied (in order)."""
+    used = []
+    word = list(token[:-1]) + [token[-1] + "</w>"]
+    while len(word) > 1:
+        pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        used.append(best)
+        word = _merge(word, best)
+    return word, used
+
+
 def _merge(word: list[str], pair: tuple[str, str]) -> list[str]:
     merged, i = [], 0
     while i < len(word):
@@ -172,22 +186,8 @@ class ClipTokenizer:
             for piece in _PATTERN.findall(_clean(text)):
                 if piece in ("<|startoftext|>", "<|endoftext|>"):
                     continue
-                wanted |= self._merges_of("".join(b2u[b] for b in piece.encode("utf-8")), ranks)
+                wanted.update(_bpe("".join(b2u[b] for b in piece.encode("utf-8")), ranks)[1])
         return ClipTokenizer.from_merges([m for m in order if m in wanted], self.pad_token, self.model_max_length)
-
-    @staticmethod
-    def _merges_of(token: str, ranks) -> set[tuple[str, str]]:
-        """The merges BPE applies to one pre-token (its merge chain)."""
-        used = set()
-        word = list(token[:-1]) + [token[-1] + "</w>"]
-        while len(word) > 1:
-            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
-            best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
-            if best not in ranks:
-                break
-            used.add(best)
-            word = _merge(word, best)
-        return used
 
     def row_index(self, source: "ClipTokenizer") -> list[int]:
         """For each id of this vocabulary, the id of the same token in `source` (to take a token table's rows
@@ -203,15 +203,7 @@ class ClipTokenizer:
         return {i: t for t, i in self.encoder.items()}
 
     def _bpe(self, token: str) -> list[str]:
-        ranks = self.ranks
-        word = list(token[:-1]) + [token[-1] + "</w>"]
-        while len(word) > 1:
-            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
-            best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
-            if best not in ranks:
-                break
-            word = _merge(word, best)
-        return word
+        return _bpe(token, self.ranks)[0]
 
     def encode(self, text: str) -> list[int]:
         enc, b2u = self.encoder, _byte_to_unicode()
