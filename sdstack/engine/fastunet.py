@@ -42,8 +42,9 @@ class _Fused:
     rewritten in place too, so traced graphs, which hold this very tensor, see the change without being traced
     again; only a new storage, dtype or shape makes a new tensor (and the runner then drops its traces)."""
 
-    def __init__(self, parts: list[torch.Tensor | None]):
+    def __init__(self, parts: list[torch.Tensor | None], memory_format=torch.contiguous_format):
         self.parts = parts
+        self.memory_format = memory_format
         self.key = None
         self.value = None
 
@@ -53,7 +54,7 @@ class _Fused:
         key = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parts)
         if key != self.key:
             with torch.no_grad():
-                fresh = torch.cat([p.detach() for p in self.parts], dim=0)
+                fresh = torch.cat([p.detach() for p in self.parts], dim=0).contiguous(memory_format=self.memory_format)
                 if self.value is not None and self.value.shape == fresh.shape and self.value.dtype == fresh.dtype:
                     self.value.copy_(fresh)
                 else:
@@ -62,9 +63,31 @@ class _Fused:
         return self.value
 
 
+def _conv_ok(conv) -> bool:
+    return _plain(conv, torch.nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+class _Conv:
+    """A Conv2d run with a channels-last copy of its weight (kept up to date like the fused weights).
+
+    On a CPU a small convolution with a channels-last weight takes oneDNN's NHWC kernels, which need no reorder of
+    the weight at each call: 4.5% of a shapes-v1 UNet call at one thread (the model's own weights stay as they
+    are; the copy costs the convolutions' weights once more in memory, and the fast path only runs small UNets)."""
+
+    def __init__(self, conv):
+        self.c = conv
+        self.w = _Fused([conv.weight], torch.channels_last)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.c
+        return F.conv2d(x, self.w.get(), c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
 class _Resnet:
     def __init__(self, block):
         self.b = block
+        self.conv1, self.conv2 = _Conv(block.conv1), _Conv(block.conv2)
+        self.shortcut = _Conv(block.conv_shortcut) if block.conv_shortcut is not None else None
         self.temb_slice = slice(0)  # its columns of the fused time-embedding projection (set by FastUNet)
 
     @staticmethod
@@ -74,19 +97,19 @@ class _Resnet:
         return (_plain(block, ResnetBlock2D) and block.upsample is None and block.downsample is None
                 and block.time_embedding_norm == "default" and not block.skip_time_act
                 and isinstance(block.nonlinearity, torch.nn.SiLU) and block.time_emb_proj is not None
-                and all(_plain(m, torch.nn.Conv2d) for m in (block.conv1, block.conv2))
-                and (block.conv_shortcut is None or _plain(block.conv_shortcut, torch.nn.Conv2d))
+                and all(_conv_ok(m) for m in (block.conv1, block.conv2))
+                and (block.conv_shortcut is None or _conv_ok(block.conv_shortcut))
                 and _plain(block.time_emb_proj, torch.nn.Linear))
 
     def __call__(self, x: torch.Tensor, temb_all: torch.Tensor) -> torch.Tensor:
         b = self.b
         h = F.silu(F.group_norm(x, b.norm1.num_groups, b.norm1.weight, b.norm1.bias, b.norm1.eps))
-        h = b.conv1(h)
+        h = self.conv1(h)
         h = h + temb_all[:, self.temb_slice, None, None]
         h = F.silu(F.group_norm(h, b.norm2.num_groups, b.norm2.weight, b.norm2.bias, b.norm2.eps))
-        h = b.conv2(h)
-        if b.conv_shortcut is not None:
-            x = b.conv_shortcut(x)
+        h = self.conv2(h)
+        if self.shortcut is not None:
+            x = self.shortcut(x)
         out = x + h
         if b.output_scale_factor != 1.0:
             out = out / b.output_scale_factor
@@ -204,9 +227,10 @@ class _Transformer:
             h = F.linear(f, out.weight, out.bias) + h
         w_out = m.proj_out.weight
         h = F.linear(h, w_out if m.use_linear_projection else w_out.flatten(1), m.proj_out.bias)
-        # back to NCHW in contiguous memory: in a channels-last-strided layout every following convolution copies
-        # its weight on every call (8% of a shapes-v1 step)
-        return h.transpose(1, 2).reshape_as(x).contiguous() + x
+        # (b, pixels, channels) back to (b, channels, h, w): a view in channels-last memory, the layout the
+        # convolutions work in here (_Conv); with NCHW weights it would make each following convolution copy its
+        # weight at every call
+        return h.transpose(1, 2).reshape_as(x) + x
 
 
 class FastUNet:
@@ -225,13 +249,13 @@ class FastUNet:
         self.down = []
         for blk in unet.down_blocks:
             attns = [_Transformer(a) for a in getattr(blk, "attentions", [])] or [None] * len(blk.resnets)
-            self.down.append(([res(r) for r in blk.resnets], attns, blk.downsamplers))
+            self.down.append(([res(r) for r in blk.resnets], attns, [_Conv(d.conv) for d in blk.downsamplers or []]))
         mid = unet.mid_block
         self.mid = (res(mid.resnets[0]), [(_Transformer(a), res(r)) for a, r in zip(mid.attentions, mid.resnets[1:])])
         self.up = []
         for blk in unet.up_blocks:
             attns = [_Transformer(a) for a in getattr(blk, "attentions", [])] or [None] * len(blk.resnets)
-            self.up.append(([res(r) for r in blk.resnets], attns, blk.upsamplers))
+            self.up.append(([res(r) for r in blk.resnets], attns, [_Conv(u.conv) for u in blk.upsamplers or []]))
         start = 0
         for r in resnets:
             n = r.b.time_emb_proj.out_features
@@ -244,7 +268,11 @@ class FastUNet:
         in_order = [a for _, attns, _ in self.down for a in attns if a is not None] + [a for a, _ in self.mid[1]]
         in_order += [a for _, attns, _ in self.up for a in attns if a is not None]
         self.cross = [a2 for tr in in_order for _, _, a2 in tr.blocks if a2 is not None]  # in the order of a call
+        self.conv_in, self.conv_out = _Conv(unet.conv_in), _Conv(unet.conv_out)
+        convs = [self.conv_in, self.conv_out] + [c for r in resnets for c in (r.conv1, r.conv2, r.shortcut) if c]
+        convs += [c for _, _, cs in self.down + self.up for c in cs]
         self.fused = [self.temb_w, self.temb_b] + [a.qkv if a.self_attention else a.kv for a in attentions]
+        self.fused += [c.w for c in convs]
 
     def _transformers(self) -> list:
         out = [a for _, attns, _ in self.down + self.up for a in attns if a is not None]
@@ -285,7 +313,7 @@ class FastUNet:
                 or c.resnet_time_scale_shift != "default" or unet.conv_act is None
                 or unet.conv_norm_out is None):
             return False
-        if not isinstance(unet.conv_act, torch.nn.SiLU):
+        if not isinstance(unet.conv_act, torch.nn.SiLU) or not (_conv_ok(unet.conv_in) and _conv_ok(unet.conv_out)):
             return False
         try:
             for blk in unet.down_blocks:
@@ -325,7 +353,7 @@ class FastUNet:
             emb = emb + u.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs)
         temb_all = F.linear(F.silu(emb), self.temb_w.get(), self.temb_b.get())
 
-        h = u.conv_in(sample)
+        h = self.conv_in(sample)
         skips = [h]
         for resnets, attns, downs in self.down:
             for r, a in zip(resnets, attns):
@@ -335,7 +363,7 @@ class FastUNet:
                 skips.append(h)
             if downs:
                 for d in downs:
-                    h = d.conv(h)
+                    h = d(h)
                 skips.append(h)
 
         first, rest = self.mid
@@ -355,24 +383,23 @@ class FastUNet:
                         h = F.interpolate(h, size=size, mode="nearest")
                     else:
                         h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-                    h = up.conv(h)
+                    h = up(h)
         n = u.conv_norm_out
         h = F.silu(F.group_norm(h, n.num_groups, n.weight, n.bias, n.eps))
-        return u.conv_out(h)
+        return self.conv_out(h)
 
 
 def _downsample_ok(d) -> bool:
     from diffusers.models.downsampling import Downsample2D
 
-    return (_plain(d, Downsample2D) and d.use_conv and d.padding == 1 and d.norm is None
-            and _plain(d.conv, torch.nn.Conv2d))
+    return (_plain(d, Downsample2D) and d.use_conv and d.padding == 1 and d.norm is None and _conv_ok(d.conv))
 
 
 def _upsample_ok(u) -> bool:
     from diffusers.models.upsampling import Upsample2D
 
     return (_plain(u, Upsample2D) and u.use_conv and not u.use_conv_transpose and u.norm is None
-            and getattr(u, "interpolate", True) and u.name == "conv" and _plain(u.conv, torch.nn.Conv2d))
+            and getattr(u, "interpolate", True) and u.name == "conv" and _conv_ok(u.conv))
 
 
 # ------------------------------------------------------------------------------------------ the runtime wrapper
