@@ -264,19 +264,15 @@ class FastUNet:
         projs = [r.b.time_emb_proj for r in resnets]
         self.temb_w = _Fused([p.weight for p in projs])
         self.temb_b = _Fused([p.bias for p in projs])
-        attentions = [a for tr in self._transformers() for _, a1, a2 in tr.blocks for a in (a1, a2) if a is not None]
         in_order = [a for _, attns, _ in self.down for a in attns if a is not None] + [a for a, _ in self.mid[1]]
         in_order += [a for _, attns, _ in self.up for a in attns if a is not None]
+        attentions = [a for tr in in_order for _, a1, a2 in tr.blocks for a in (a1, a2) if a is not None]
         self.cross = [a2 for tr in in_order for _, _, a2 in tr.blocks if a2 is not None]  # in the order of a call
         self.conv_in, self.conv_out = _Conv(unet.conv_in), _Conv(unet.conv_out)
         convs = [self.conv_in, self.conv_out] + [c for r in resnets for c in (r.conv1, r.conv2, r.shortcut) if c]
         convs += [c for _, _, cs in self.down + self.up for c in cs]
         self.fused = [self.temb_w, self.temb_b] + [a.qkv if a.self_attention else a.kv for a in attentions]
         self.fused += [c.w for c in convs]
-
-    def _transformers(self) -> list:
-        out = [a for _, attns, _ in self.down + self.up for a in attns if a is not None]
-        return out + [a for a, _ in self.mid[1]]
 
     def context_kv(self, context: torch.Tensor) -> list[torch.Tensor]:
         """Every cross-attention's keys and values of `context`, flat (k0, v0, k1, v1, ...) in call order: they

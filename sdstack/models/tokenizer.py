@@ -65,12 +65,6 @@ def _tables() -> Tables:
     return _build([tuple(line.split()) for line in lines])
 
 
-@functools.lru_cache(maxsize=1)
-def _tables_merges() -> list[tuple[str, str]]:
-    ranks = _tables()[1]
-    return sorted(ranks, key=ranks.get)
-
-
 def _bpe(token: str, ranks) -> tuple[list[str], list[tuple[str, str]]]:
     """Byte-level BPE of one pre-token: its pieces, and the merges applied (in order)."""
     used = []
@@ -136,14 +130,14 @@ class ClipTokenizer:
         return self.decoder[self.pad_token_id]
 
     def merges(self) -> list[tuple[str, str]]:
-        ranks = self.ranks
-        return sorted(ranks, key=ranks.get)
+        """The merges in rank order (`_build` made the rank table in that order)."""
+        return list(self.ranks)
 
     @classmethod
     def from_merges(cls, merges, pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> "ClipTokenizer":
         """A vocabulary in CLIP's layout made of these merges (in rank order); the pad token named as a string."""
         merges = [tuple(m) for m in merges]
-        if merges == _tables_merges():
+        if merges == list(_tables()[1]):
             tables = None
         else:
             tables = _build(merges)

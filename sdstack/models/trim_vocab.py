@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .tokenizer import VOCAB_SIZE, ClipTokenizer
+from .tokenizer import ClipTokenizer
 
 TOKEN_TABLES = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")  # transformers 4 / 5
 
@@ -51,14 +51,6 @@ def world_texts(samples: int = 20000) -> list[str]:
     return texts + words
 
 
-def _folder_tokenizer(root: Path, rows: int) -> ClipTokenizer:
-    if rows != VOCAB_SIZE:
-        return ClipTokenizer.from_pretrained(root / "tokenizer")
-    special = root / "tokenizer" / "special_tokens_map.json"
-    pad = json.loads(special.read_text()).get("pad_token", "<|endoftext|>") if special.is_file() else "<|endoftext|>"
-    return ClipTokenizer.from_merges(ClipTokenizer().merges(), pad if isinstance(pad, str) else pad["content"])
-
-
 def trim_model_vocabulary(source: str | Path, dest: str | Path, *, keep: int = 10000, texts=()) -> dict:
     """Write `source` (a diffusers folder with one CLIP text encoder) to `dest` with its vocabulary trimmed to CLIP's
     first `keep` merges plus those `texts` need. Returns counts; the texts' tokens are checked to be unchanged."""
@@ -79,10 +71,12 @@ def trim_model_vocabulary(source: str | Path, dest: str | Path, *, keep: int = 1
     if key is None:
         raise UserError(f"{files[0]}: no token table ({' or '.join(TOKEN_TABLES)})")
     table = state[key]
-    try:
-        old = _folder_tokenizer(src, table.shape[0])
+    try:  # CLIP's own vocabulary or an already trimmed one, with the folder's pad token
+        old = ClipTokenizer.from_pretrained(src / "tokenizer")
     except ValueError as e:
         raise UserError(str(e)) from None
+    if old.vocab_size != table.shape[0]:
+        raise UserError(f"{src / 'tokenizer'}: {old.vocab_size} tokens, but the text encoder has {table.shape[0]}")
     texts = list(texts)
     new = old.trimmed(keep, texts)
     rows = new.row_index(old)
