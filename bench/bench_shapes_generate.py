@@ -6,7 +6,10 @@
 
 Both sides load the SAME folder from disk: sdstack with `load_model`, diffusers with
 `StableDiffusionPipeline.from_pretrained` (its scheduler swapped for DPMSolverMultistepScheduler built from the
-folder's scheduler config, Karras sigmas). Same prompt, negative prompt (empty), seed, CFG, steps, size:
+folder's scheduler config, Karras sigmas). The same kind of prompt (each run its own, "a red star on a blue
+background" and the like; each is encoded as 77 positions, so all cost the same), negative prompt (empty in every run, as a user keeps theirs:
+sdstack keeps a text encoding across jobs, as A1111 does, so it encodes that one once; a prompt is never
+reused), seed, CFG, steps, size:
 sdstack runs "DPM++ 2M" + "Karras", diffusers DPM-Solver++ (2M, order 2) with use_karras_sigmas=True, so both
 evaluate the UNet twice per step (cond + uncond batched). Each timed run is one full image: text encoding,
 sampling, VAE decode, to a PIL image (infotext included on sdstack's side).
@@ -25,6 +28,7 @@ Exit status 1 if any run fails or produces no image.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -41,6 +45,12 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 PROMPT = "a red star on a blue background"
+_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "cyan", "white", "black", "gray"]
+_SHAPES = ["star", "circle", "square", "heart", "cross", "hexagon", "triangle"]
+# 770 prompts, PROMPT first: each run takes the next one (any prompt under 75 tokens costs the same: the text
+# encoder always runs 77 positions)
+PROMPTS = [f"a {c} {s} on a {bg} background" for s in _SHAPES for c in _COLOURS for bg in _COLOURS[1:] + _COLOURS[:1]
+           if bg != c]
 
 
 def model_folder(arg: str | None, tiny: bool, work: Path) -> tuple[Path, str]:
@@ -132,29 +142,32 @@ def run(args, work: Path) -> int:
     s = args.size
     pipe = diffusers_pipeline(folder)
     bundle = load_model(folder)
-    params = make_params(prompt=PROMPT, negative_prompt="", steps=args.steps, sampler_name="DPM++ 2M",
-                         scheduler="Karras", cfg_scale=args.cfg, seed=args.seed, width=s, height=s,
-                         rescale_cfg=0.0)  # the pipeline's guidance_rescale is 0: the same work on both sides
+    prompts = itertools.cycle(PROMPTS)
+
+    def params():
+        return make_params(prompt=next(prompts), negative_prompt="", steps=args.steps, sampler_name="DPM++ 2M",
+                           scheduler="Karras", cfg_scale=args.cfg, seed=args.seed, width=s, height=s,
+                           rescale_cfg=0.0)  # the pipeline's guidance_rescale is 0: the same work on both sides
 
     def run_diffusers():
         g = torch.Generator().manual_seed(args.seed)
-        return pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=args.cfg, height=s, width=s,
-                    generator=g, output_type="pil").images
+        return pipe(next(prompts), negative_prompt="", num_inference_steps=args.steps, guidance_scale=args.cfg,
+                    height=s, width=s, generator=g, output_type="pil").images
 
     def run_sdstack():
-        return generate(bundle, params).images
+        return generate(bundle, params()).images
 
     plain = load_model(folder)  # the same weights with the UNet fast path off (the model's own forward)
     plain._unet_runner = UNetRunner(plain.unet, enabled=False)
 
     def run_plain():
-        return generate(plain, params).images
+        return generate(plain, params()).images
 
     whole = load_model(folder)  # fast path on, but every UNet batch on the caller's thread (no half split)
     whole._unet_runner = UNetRunner(whole.unet, split=False)
 
     def run_whole():
-        return generate(whole, params).images
+        return generate(whole, params()).images
 
     # (variant, s/img, diffusers s/img measured interleaved with it); the casts are one way, so the fast
     # variants come after fp32, each paired with fresh diffusers runs

@@ -290,8 +290,9 @@ class FastUNet:
         return cls(unet) if cls.supports(unet) else None
 
     @staticmethod
-    def supports(unet) -> bool:
-        """Whether this forward reproduces `unet` exactly (layout, attention processors, no adapters or hooks)."""
+    def supports(unet, modules: list | None = None) -> bool:
+        """Whether this forward reproduces `unet` exactly (layout, attention processors, no adapters or hooks).
+        `modules`: `list(unet.modules())` where the caller has it."""
         from diffusers import UNet2DConditionModel
 
         if not _plain(unet, UNet2DConditionModel):
@@ -300,7 +301,7 @@ class FastUNet:
 
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules()):
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (unet.modules() if modules is None else modules)):
             return False  # a hook anywhere: the traced graph would skip it
         c = unet.config
         if (c.class_embed_type is not None or c.addition_embed_type not in (None, "text_time")
@@ -537,9 +538,15 @@ class UNetRunner:
         the model's tensors, and the fused copies are rewritten in place here. A tensor replaced, added or cast
         (new storage, dtype or identity) rebuilds FastUNet and drops the traces."""
         self._kv_cache = None
-        params = list(self.unet.parameters()) + list(self.unet.buffers())
+        modules = list(self.unet.modules())  # one walk for the tensors and the layout check (a third of the time)
+        seen, params = set(), []
+        for m in modules:
+            for p in (*m._parameters.values(), *m._buffers.values()):
+                if p is not None and id(p) not in seen:  # a tensor shared by two modules counts once
+                    seen.add(id(p))
+                    params.append(p)
         small = sum(p.numel() for p in params) < SMALL_UNET_PARAMS
-        if not (self.enabled and small and FastUNet.supports(self.unet)):
+        if not (self.enabled and small and FastUNet.supports(self.unet, modules)):
             self.fast, self.weights_key = None, None
             self.traces.clear()
             return

@@ -10,6 +10,9 @@ restores the chunk's original mean.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -115,8 +118,48 @@ def _embedding_vectors(emb, encoder_index: int, n_encoders: int) -> torch.Tensor
     return next(iter(vectors.values()))
 
 
+SHARED_ENTRIES = 32  # encodings kept per model across jobs (the negative prompt, a prompt rendered again)
+_SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+_OWN_HOOKS = "transformers.utils.output_capturing"  # transformers' hooks that record hidden states, read-only
+
+
+def _foreign_hooks(m: torch.nn.Module) -> bool:
+    hooks = list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
+    return any(getattr(h, "__module__", None) != _OWN_HOOKS for h in hooks)
+
+
+def _encoders_state(encoders) -> tuple | None:
+    """What an encoding depends on besides its tokens: every text-encoder tensor's storage, version, dtype and
+    device. None where an encoding must not be reused: an encoder in training mode (dropout), a forward hook (other
+than transformers' own output-capturing ones), or a
+    module from outside transformers and torch (a PEFT adapter, which can be switched off without any tensor
+    changing)."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return None
+    state = []
+    for enc in encoders:
+        if enc.training:
+            return None
+        for m in enc.modules():
+            if _foreign_hooks(m) or not type(m).__module__.startswith(("transformers.", "torch.")):
+                return None
+        tensors = list(enc.parameters()) + list(enc.buffers())
+        state.append((id(enc), tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)))
+    return tuple(state)
+
+
 class TextConditioner:
-    """Encodes prompts for one model; caches per text. `clip_skip` applies to SD 1.x/2.x as in A1111."""
+    """Encodes prompts for one model; caches per text. `clip_skip` applies to SD 1.x/2.x as in A1111.
+
+    Encodings are also kept across jobs, per model (the last SHARED_ENTRIES; A1111 keeps the last prompt's and
+    negative prompt's): the same tokens, weights, clip skip and emphasis through unchanged text-encoder weights
+    give the same tensors, so a job whose negative prompt (or prompt) was encoded before does not encode it again.
+    Prompts with textual-inversion embeddings are always encoded anew."""
 
     def __init__(self, bundle, clip_skip: int = 1, embeddings=None, emphasis: str = "Original"):
         self.bundle = bundle
@@ -138,6 +181,34 @@ class TextConditioner:
         for c in chunks:
             for _, emb in c.fixes:
                 self.used_embeddings[emb.name] = emb
+        key = self._shared_key(chunks)
+        shared = None
+        if key is not None:
+            with _SHARED_LOCK:
+                shared = _SHARED.setdefault(b.text_encoders[0], OrderedDict())
+                hit = shared.get(key)
+                if hit is not None:
+                    shared.move_to_end(key)
+                    return hit
+        cond = self._encode_chunks(chunks)
+        if shared is not None:
+            with _SHARED_LOCK:
+                shared[key] = cond
+                while len(shared) > SHARED_ENTRIES:
+                    shared.popitem(last=False)
+        return cond
+
+    def _shared_key(self, chunks: list[Chunk]) -> tuple | None:
+        if any(c.fixes for c in chunks):
+            return None
+        state = _encoders_state(self.bundle.text_encoders)
+        if state is None:
+            return None
+        tokens = tuple((tuple(c.tokens), tuple(c.weights)) for c in chunks)
+        return (self.bundle.family, self.clip_skip, self.emphasis, tokens, state)
+
+    def _encode_chunks(self, chunks: list[Chunk]) -> Cond:
+        b = self.bundle
         per_chunk, pooled = [], None
         for i, chunk in enumerate(chunks):
             outs = [self._encode_chunk(chunk, k) for k in range(len(b.text_encoders))]

@@ -97,3 +97,73 @@ def test_sdxl_concatenates_penultimate_layers_and_pools_from_encoder_2():
     cond = TextConditioner(b)("a cat")
     torch.testing.assert_close(cond.context, torch.cat([z1, z2], dim=-1), rtol=0, atol=1e-6)
     torch.testing.assert_close(cond.pooled, out2.text_embeds[0], rtol=0, atol=1e-6)
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = TextConditioner._encode_chunks
+
+    def spy(self, chunks):
+        calls.append(len(chunks))
+        return real(self, chunks)
+
+    monkeypatch.setattr(TextConditioner, "_encode_chunks", spy)
+    return calls
+
+
+def test_encodings_are_reused_across_jobs_until_the_weights_change(monkeypatch):
+    bundle = tiny_bundle("sd1")
+    calls = _counting(monkeypatch)
+    first = TextConditioner(bundle)("a red star")
+    again = TextConditioner(bundle)("a red star")  # a new job: the shared cache, not the encoder
+    assert again is first and calls == [1]
+    TextConditioner(bundle, clip_skip=2)("a red star")  # another clip skip: encoded
+    TextConditioner(bundle)("a (red:1.2) star")  # other weights: encoded
+    assert calls == [1, 1, 1]
+
+    emb = bundle.text_encoders[0].get_input_embeddings().weight
+    with torch.no_grad():
+        emb.add_(0.5)  # in place (a LoRA merge, an optimizer step): the old encoding is stale
+    changed = TextConditioner(bundle)("a red star")
+    assert len(calls) == 4
+    ref, _ = direct(bundle, bundle.tokenizers[0]("a red star"))
+    torch.testing.assert_close(changed.context, ref, rtol=0, atol=1e-6)
+    assert not torch.allclose(changed.context, first.context)
+
+
+def test_encodings_are_not_reused_with_hooks_training_mode_or_embeddings(monkeypatch):
+    from sdstack.models.embeddings import Embedding, EmbeddingsByName
+
+    bundle = tiny_bundle("sd1")
+    calls = _counting(monkeypatch)
+    enc = bundle.text_encoders[0]
+    handle = enc.get_input_embeddings().register_forward_hook(lambda m, i, o: o * 2)
+    try:
+        TextConditioner(bundle)("a red star")
+        TextConditioner(bundle)("a red star")
+    finally:
+        handle.remove()
+    assert calls == [1, 1], "a hook may change the output: no reuse"
+    enc.train()
+    try:
+        TextConditioner(bundle)("a red star")
+        TextConditioner(bundle)("a red star")
+    finally:
+        enc.eval()
+    assert calls == [1] * 4
+    emb = Embedding("zwxemb", {"clip_l": torch.randn(1, 32)})
+    lib = EmbeddingsByName([emb], bundle.tokenizers[0])
+    TextConditioner(bundle, embeddings=lib)("a zwxemb star")
+    TextConditioner(bundle, embeddings=lib)("a zwxemb star")
+    assert calls == [1] * 6, "a prompt with an embedding is encoded anew"
+
+
+def test_the_shared_cache_keeps_the_newest_entries(monkeypatch):
+    from sdstack.prompts import conditioning
+
+    monkeypatch.setattr(conditioning, "SHARED_ENTRIES", 2)
+    bundle = tiny_bundle("sd1")
+    calls = _counting(monkeypatch)
+    for text in ("a", "b", "a", "c", "a", "b"):  # "a" used again stays; "b" was pushed out by "c"
+        TextConditioner(bundle)(text)
+    assert len(calls) == 4
