@@ -7,9 +7,9 @@
 Both sides load the SAME folder from disk: sdstack with `load_model`, diffusers with
 `StableDiffusionPipeline.from_pretrained` (its scheduler swapped for DPMSolverMultistepScheduler built from the
 folder's scheduler config, Karras sigmas). The same kind of prompt (each run its own, "a red star on a blue
-background" and the like; each is encoded as 77 positions, so all cost the same), negative prompt (empty in every run, as a user keeps theirs:
-sdstack keeps a text encoding across jobs, as A1111 does, so it encodes that one once; a prompt is never
-reused), seed, CFG, steps, size:
+background" and the like: 770 of them, so none comes back within a bench; each is encoded as 77 positions, so all
+cost the same), negative prompt (empty in every run, as a user keeps theirs: sdstack keeps a text encoding across
+jobs, as A1111 does, so it encodes that one once), seed, CFG, steps, size:
 sdstack runs "DPM++ 2M" + "Karras", diffusers DPM-Solver++ (2M, order 2) with use_karras_sigmas=True, so both
 evaluate the UNet twice per step (cond + uncond batched). Each timed run is one full image: text encoding,
 sampling, VAE decode, to a PIL image (infotext included on sdstack's side).
@@ -44,10 +44,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-PROMPT = "a red star on a blue background"
 _COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "cyan", "white", "black", "gray"]
 _SHAPES = ["star", "circle", "square", "heart", "cross", "hexagon", "triangle"]
-# 770 prompts, PROMPT first: each run takes the next one (any prompt under 75 tokens costs the same: the text
+# 770 prompts, "a red star on a blue background" first: each run takes the next one (any prompt under 75 tokens costs the same: the text
 # encoder always runs 77 positions)
 PROMPTS = [f"a {c} {s} on a {bg} background" for s in _SHAPES for c in _COLOURS for bg in _COLOURS[1:] + _COLOURS[:1]
            if bg != c]

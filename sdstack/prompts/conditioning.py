@@ -121,8 +121,6 @@ def _embedding_vectors(emb, encoder_index: int, n_encoders: int) -> torch.Tensor
 SHARED_ENTRIES = 32  # encodings kept per model across jobs (the negative prompt, a prompt rendered again)
 _SHARED: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 _SHARED_LOCK = threading.Lock()
-
-
 _OWN_HOOKS = "transformers.utils.output_capturing"  # transformers' hooks that record hidden states, read-only
 
 
@@ -134,9 +132,8 @@ def _foreign_hooks(m: torch.nn.Module) -> bool:
 def _encoders_state(encoders) -> tuple | None:
     """What an encoding depends on besides its tokens: every text-encoder tensor's storage, version, dtype and
     device. None where an encoding must not be reused: an encoder in training mode (dropout), a forward hook (other
-than transformers' own output-capturing ones), or a
-    module from outside transformers and torch (a PEFT adapter, which can be switched off without any tensor
-    changing)."""
+    than transformers' own output-capturing ones), or a module from outside transformers and torch (a PEFT adapter,
+    which can be switched off without any tensor changing)."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
