@@ -305,6 +305,15 @@ class FinetuneTask(Task):
         groups += [{"params": ps, "lr": x} for ps, x in ((text, te_lr), (vectors, vec_lr)) if ps]
         return groups
 
+    def after_step(self) -> None:
+        """textual_inversion.max_norm: each trained vector longer than it is scaled back onto that sphere."""
+        limit = self.cfg.textual_inversion.max_norm
+        if self.vectors is None or not limit:
+            return
+        with torch.no_grad():
+            for v in self.vectors:
+                v.mul_((limit / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+
     def _trainable_names(self, module) -> list[str]:
         return [k for k, p in module.named_parameters() if p.requires_grad]
 

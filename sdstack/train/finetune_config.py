@@ -111,6 +111,9 @@ class TextualInversionOptions:
     token: str = ""  # the new word; also the embedding's file name, which is how prompts use it
     init_word: str = "*"  # the new vectors start from this word's token embeddings
     num_vectors: int = 1
+    # after every step each vector whose norm exceeds this is scaled back to it (0 = no limit); the built-in model's
+    # token rows have norms of 8-13, and unconstrained vectors grow to twice that, far from any word it knows
+    max_norm: float = 0.0
     # with lora, dreambooth or full, a token given here trains its vectors together with the model (pivotal tuning):
     # written as <run>/embeddings/<token>.safetensors, and in a LoRA file as `bundle_emb.<token>.*` keys (which A1111
     # reads); the text encoder's weights can then stay frozen, so every other word keeps its meaning
@@ -191,6 +194,9 @@ class FinetuneConfig:
             if ti.num_vectors < 1:
                 raise UserError("config: textual_inversion.num_vectors must be at least 1",
                                 field="textual_inversion.num_vectors")
+            if ti.max_norm < 0:
+                raise UserError("config: textual_inversion.max_norm must be 0 (no limit) or more",
+                                field="textual_inversion.max_norm")
         if self.method in PRIOR_METHODS:
             db = self.dreambooth
             if db.num_class_images < 0 or db.prior_loss_weight < 0:

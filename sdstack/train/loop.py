@@ -57,6 +57,9 @@ class Task:
     def load_checkpoint_weights(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
         module.load_state_dict(weights, strict=True)
 
+    def after_step(self) -> None:
+        """Called after each optimizer step (e.g. to project trained weights back onto a constraint)."""
+
 
 class ImageBatches:
     """Batches of `TrainingImages` (shapes world or image folder) in the deterministic order of a `BatchPlan`.
@@ -222,6 +225,7 @@ class Trainer:
         if self.cfg.optim.grad_clip > 0:
             self.acc.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
+        self.task.after_step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:

@@ -190,6 +190,34 @@ def test_textual_inversion_trains_only_the_vectors_and_the_file_works_by_name(ba
     assert (no_emb - engine).abs().max() > 1e-3
 
 
+def test_textual_inversion_max_norm_scales_long_vectors_back_onto_the_sphere(base, tmp_path):
+    """One AdamW step, with and without `textual_inversion.max_norm` (same seed, same
+    batch): the constrained run's vectors are the free run's vectors scaled to the limit where longer (the
+    projection by hand), and left alone where not."""
+    from sdstack.train.finetune import FinetuneTask
+    from sdstack.train.loop import train
+
+    def one_step(*sets):
+        cfg = _cfg(base, tmp_path / str(len(sets)), "textual_inversion", "optim.lr=0.1", "optim.warmup_steps=0",
+                   *sets, data=str(base / "data-ti"), token="zring", init_word="a red circle", num_vectors=3,
+                   steps=1)
+        task = FinetuneTask(cfg)
+        train(cfg, task)
+        return task.vectors[0].detach().clone()
+
+    free = one_step()
+    norms = free.norm(dim=-1)
+    limit = float(norms.median())  # some vectors above it, some not
+    assert (norms > limit * 1.01).any() and (norms < limit * 0.99).any()
+    capped = one_step(f"textual_inversion.max_norm={limit}")
+    expected = free * torch.clamp(limit / norms, max=1.0)[:, None]
+    torch.testing.assert_close(capped, expected, rtol=1e-5, atol=1e-6)
+    assert float(capped.norm(dim=-1).max()) <= limit * (1 + 1e-5)
+
+    with pytest.raises(UserError, match="max_norm must be 0"):
+        _cfg(base, tmp_path, "textual_inversion", "textual_inversion.max_norm=-1", token="zring")
+
+
 def test_pivotal_lora_trains_the_token_with_the_lora_and_bundles_it_for_a1111(base, tmp_path):
     """A LoRA given a token (pivotal tuning): the UNet's LoRA layers and the token's vectors train, the text
     encoder stays frozen, the file holds the vectors as A1111's `bundle_emb.<token>.string_to_param.*`, and
