@@ -46,8 +46,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 _COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "cyan", "white", "black", "gray"]
 _SHAPES = ["star", "circle", "square", "heart", "cross", "hexagon", "triangle"]
-# 770 prompts, "a red star on a blue background" first: each run takes the next one (any prompt under 75 tokens costs the same: the text
-# encoder always runs 77 positions)
+# 770 prompts, "a red star on a blue background" first: each run takes the next one (any prompt under 75 tokens
+# costs the same: the text encoder always runs 77 positions)
 PROMPTS = [f"a {c} {s} on a {bg} background" for s in _SHAPES for c in _COLOURS for bg in _COLOURS[1:] + _COLOURS[:1]
            if bg != c]
 

@@ -112,7 +112,7 @@ class TextualInversionOptions:
     init_word: str = "*"  # the new vectors start from this word's token embeddings
     num_vectors: int = 1
     # after every step each vector whose norm exceeds this is scaled back to it (0 = no limit); the built-in model's
-    # token rows have norms of 8-13, and unconstrained vectors grow to twice that, far from any word it knows
+    # token rows have norms of 8.4-13.3, and unconstrained vectors grow to 18-40, far from any word it knows
     max_norm: float = 0.0
     # with lora, dreambooth or full, a token given here trains its vectors together with the model (pivotal tuning):
     # written as <run>/embeddings/<token>.safetensors, and in a LoRA file as `bundle_emb.<token>.*` keys (which A1111
