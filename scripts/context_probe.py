@@ -13,7 +13,7 @@ and reads the images with the oracle: how many show the concept at all (`detect_
 textual inversion is limited by what its few vectors and the text encoder can express (or by its optimisation).
 The contexts are fitted to single images, so this measures what the UNet can draw, not what generalises.
 600 steps is far from converged on shapes-v1 (session 18: ring 50% / outline 55% at 600 steps, 75.0% / 77.5% at
-3000, 82.5% / 87.5% at 6000, about 0.33 s a step at one thread).
+3000, 82.5% / 87.5% at 6000, about 0.36 s a step at one thread).
 """
 
 from __future__ import annotations
