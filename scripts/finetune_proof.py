@@ -61,12 +61,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 METHODS = ("lora", "dreambooth", "textual_inversion", "full")
-CONCEPTS = ("ring", "outline")
+CONCEPTS = ("ring", "outline", "crescent")
+DEFAULT_CONCEPTS = ("ring", "outline")
 TOKEN = "zwx"  # tokenizes to 'z' + 'wx</w>': not a CLIP word, and no word of the shapes world
 # prior preservation (module docstring): the world's seven shapes, the circle (nearest the ring) first
 WORLD_CLASS = ("a circle", "a square", "a triangle", "a star", "a hexagon", "a heart", "a cross")
-CLASS_PROMPTS = {"ring": WORLD_CLASS, "outline": WORLD_CLASS}
-INIT_WORDS = {"ring": "circle", "outline": "*"}  # textual inversion: the new word's vectors start from this word
+CLASS_PROMPTS = {"ring": WORLD_CLASS, "outline": WORLD_CLASS, "crescent": WORLD_CLASS}
+INIT_WORDS = {"ring": "circle", "outline": "*", "crescent": "circle"}  # textual inversion: the new word's vectors start from this word
 PRIOR_WORLD_SEED = 7  # --prior mixed: world captions from this seed (the eval suites are fixed prompt lists)
 REPEATS = 5  # kohya repeats of the 10 images (--repeats)
 CONCEPT_GOAL = 0.80
@@ -122,8 +123,8 @@ def caption_class_prompt(caption: str, concept: str, token: str) -> str:
     """The class prompt of one instance caption (`--prior captions`): the same words without the trigger, the
     ring named as the world shape nearest it ("a red zwx ring on a white background" -> "a red circle on a white
     background"; "zwx style, a pink circle and a red star" -> "a pink circle and a red star")."""
-    if concept == "ring":
-        text = caption.replace(f"{token} ring", "circle")
+    if concept in ("ring", "crescent"):
+        text = caption.replace(f"{token} {concept}", "circle")
     else:
         text = caption.replace(f"{token} style, ", "")
     if token in text.split():
@@ -265,7 +266,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="Base model folder or file [default: built-in].")
-    ap.add_argument("--concepts", default=",".join(CONCEPTS), help="Comma-separated: ring, outline.")
+    ap.add_argument("--concepts", default=",".join(DEFAULT_CONCEPTS),
+                    help="Comma-separated: ring, outline, crescent [default: ring,outline].")
     ap.add_argument("--methods", default=",".join(METHODS), help="Comma-separated: " + ", ".join(METHODS) + ".")
     ap.add_argument("--limit", type=int, default=44, help="Concept prompts per eval (11 colours in turn).")
     ap.add_argument("--single-limit", type=int, default=70,
