@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concept", choices=("ring", "outline"), required=True)
+    ap.add_argument("--concept", choices=("ring", "outline", "crescent"), required=True)
     ap.add_argument("--model", default=None, help="model folder or file [default: the built-in shapes-v1]")
     ap.add_argument("--steps", type=int, default=600, help="optimisation steps (all 10 images each step)")
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -51,19 +51,23 @@ def main() -> int:
                     help="free: the context itself is optimised; ln: the input of the text encoder's final "
                          "LayerNorm is, so every context position stays on the set the text encoder can output; "
                          "input: all 77 input vectors of the text encoder are (per caption, through the encoder)")
+    ap.add_argument("--embedding", type=Path, default=None,
+                    help="no optimisation: sample the same captions with this textual-inversion file (its name "
+                         "is the token), to compare an embedding's fit on its own training captions")
     args = ap.parse_args()
+    if args.embedding is not None:
+        if not args.embedding.is_file():
+            ap.error(f"--embedding {args.embedding}: no such file")
+        args.token = args.embedding.stem
 
     import numpy as np
     from PIL import Image
 
-    from sdstack.engine import images as im
     from sdstack.engine.generate import generate
     from sdstack.eval.concepts import concept_dataset, detect_concept
     from sdstack.models.loader import load_model
     from sdstack.models.registry import builtin_model_path
     from sdstack.params import make_params
-    from sdstack.prompts import conditioning
-    from sdstack.train.diffusion import diffusion_loss, training_alphas
 
     bundle = load_model(args.model or builtin_model_path())
     unet = bundle.unet.eval().requires_grad_(False)
@@ -72,44 +76,63 @@ def main() -> int:
         captions = [p.with_suffix(".txt").read_text().strip() for p in paths]
         pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
                               for p in paths]).float() / 127.5 - 1
+    if args.embedding is not None:
+        from sdstack.models.embeddings import EmbeddingLibrary
+
+        library = EmbeddingLibrary(args.embedding.parent, bundle)
+        if args.token not in library.loaded:
+            ap.error(f"--embedding {args.embedding}: {library.skip_reasons.get(args.token, 'not loaded')}")
+        extra, what = {"embeddings": library}, f"the embedding {args.embedding}"
+    else:
+        fit_contexts(args, bundle, unet, pixels, captions)
+        extra, what = {}, f"free per-caption contexts ({args.space}) after {args.steps} steps"
+    shown = total = 0
+    for i, caption in enumerate(captions):
+        for seed in range(args.seeds):
+            img = generate(bundle, make_params(prompt=caption, seed=seed), **extra).images[0]
+            hit = bool(detect_concept(img, args.concept))
+            shown += hit
+            total += 1
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                img.save(args.out / f"{i:02d}-{seed}{'-hit' if hit else ''}.png")
+        print(f"{caption!r}: {shown}/{total} so far", flush=True)
+    print(f"\n{args.concept}: shown in {shown} of {total} images ({100 * shown / total:.1f}%) with {what}")
+    return 0
+
+
+def fit_contexts(args, bundle, unet, pixels, captions) -> None:
+    """Fit each caption's context (in `args.space`) to its image by the frozen UNet's denoising loss; the text
+    conditioner then returns the fitted context for each caption."""
+    from sdstack.engine import images as im
+    from sdstack.prompts import conditioning
+    from sdstack.train.diffusion import diffusion_loss, training_alphas
+
     latents = im.encode(bundle, pixels)
     start = torch.stack([conditioning.TextConditioner(bundle)(c).context for c in captions])
+    encoder = bundle.text_encoders[0].requires_grad_(False)
+    final_ln = conditioning.final_layer_norm(encoder)
     if args.space == "ln":
-        # the same start, one step earlier: the last hidden states before the final LayerNorm
-        final_ln = conditioning.final_layer_norm(bundle.text_encoders[0]).requires_grad_(False)
-        seen = []
-        hook = final_ln.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][0].detach().float()))
-        enc = conditioning.TextConditioner(bundle)
-        with torch.no_grad():
-            for c in captions:
-                enc._encode_chunks(conditioning.tokenize_prompt(c, bundle.tokenizers[0], None)[0])
-        hook.remove()
-        pre = torch.stack(seen[::2])  # the encoder applies the LayerNorm once itself, the conditioner again
+        # the same start, one step earlier: the last hidden states before the final LayerNorm (which the encoder
+        # applies once itself and the conditioner again: every other call)
+        pre = torch.stack([x.float() for x, _ in _captured(bundle, captions, final_ln)[::2]])
         print(f"ln space: start matches the conditioner to {(final_ln(pre) - start).abs().max():.2e}; pre-LayerNorm "
               f"norm per position {pre.norm(dim=-1).mean():.2f}", flush=True)
         free = torch.nn.Parameter(pre.clone())
         context_of = lambda: final_ln(free)  # noqa: E731
     elif args.space == "input":
         # every input vector of the caption (token embeddings; the encoder adds the positions) is free
-        enc_model = bundle.text_encoders[0].requires_grad_(False)
-        final_ln = conditioning.final_layer_norm(enc_model)
-        table = enc_model.get_input_embeddings()
-        seen = []
-        hook = table.register_forward_hook(lambda mod, inp, out: seen.append((inp[0][0], out[0].detach().float())))
-        cond = conditioning.TextConditioner(bundle)
-        with torch.no_grad():
-            for c in captions:
-                cond._encode_chunks(conditioning.tokenize_prompt(c, bundle.tokenizers[0], None)[0])
-        hook.remove()
+        table = encoder.get_input_embeddings()
+        seen = _captured(bundle, captions, table)
         ids = torch.stack([i for i, _ in seen])
-        free = torch.nn.Parameter(torch.stack([e for _, e in seen]))
+        free = torch.nn.Parameter(torch.stack([e.float() for _, e in seen]))
 
         def context_of():
-            h = table.register_forward_hook(lambda mod, inp, out: free.to(out.dtype))
+            hook = table.register_forward_hook(lambda mod, inp, out: free.to(out.dtype))
             try:
-                return final_ln(enc_model(input_ids=ids, output_hidden_states=True).hidden_states[-1])
+                return final_ln(encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1])
             finally:
-                h.remove()
+                hook.remove()
         with torch.no_grad():
             print(f"input space: start matches the conditioner to {(context_of() - start).abs().max():.2e}; "
                   f"input norm per position {free.norm(dim=-1).mean():.2f}", flush=True)
@@ -138,20 +161,22 @@ def main() -> int:
     learned = {c: conditioning.Cond(context=context[i].detach().clone()) for i, c in enumerate(captions)}
     real = conditioning.TextConditioner._encode
     conditioning.TextConditioner._encode = lambda self, text: learned.get(text) or real(self, text)
-    shown = total = 0
-    for i, caption in enumerate(captions):
-        for seed in range(args.seeds):
-            img = generate(bundle, make_params(prompt=caption, seed=seed)).images[0]
-            hit = bool(detect_concept(img, args.concept))
-            shown += hit
-            total += 1
-            if args.out:
-                args.out.mkdir(parents=True, exist_ok=True)
-                img.save(args.out / f"{i:02d}-{seed}{'-hit' if hit else ''}.png")
-        print(f"{caption!r}: {shown}/{total} so far", flush=True)
-    print(f"\n{args.concept}: shown in {shown} of {total} images ({100 * shown / total:.1f}%) with free per-caption "
-          f"contexts after {args.steps} steps")
-    return 0
+
+
+def _captured(bundle, captions, module) -> list:
+    """(first input, output) of each call of `module` while the text conditioner encodes each caption anew."""
+    from sdstack.prompts import conditioning
+
+    seen = []
+    hook = module.register_forward_hook(lambda mod, inp, out: seen.append((inp[0][0].detach(), out[0].detach())))
+    cond = conditioning.TextConditioner(bundle)
+    try:
+        with torch.no_grad():
+            for c in captions:
+                cond._encode_chunks(conditioning.tokenize_prompt(c, bundle.tokenizers[0], None)[0])
+    finally:
+        hook.remove()
+    return seen
 
 
 if __name__ == "__main__":
