@@ -67,7 +67,8 @@ TOKEN = "zwx"  # tokenizes to 'z' + 'wx</w>': not a CLIP word, and no word of th
 # prior preservation (module docstring): the world's seven shapes, the circle (nearest the ring) first
 WORLD_CLASS = ("a circle", "a square", "a triangle", "a star", "a hexagon", "a heart", "a cross")
 CLASS_PROMPTS = {"ring": WORLD_CLASS, "outline": WORLD_CLASS, "crescent": WORLD_CLASS}
-INIT_WORDS = {"ring": "circle", "outline": "*", "crescent": "circle"}  # textual inversion: the new word's vectors start from this word
+# textual inversion: the new word's vectors start from this word
+INIT_WORDS = {"ring": "circle", "outline": "*", "crescent": "circle"}
 PRIOR_WORLD_SEED = 7  # --prior mixed: world captions from this seed (the eval suites are fixed prompt lists)
 REPEATS = 5  # kohya repeats of the 10 images (--repeats)
 CONCEPT_GOAL = 0.80
