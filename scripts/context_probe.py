@@ -38,10 +38,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
+from sdstack.eval.concepts import CONCEPTS  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concept", choices=("ring", "outline", "crescent"), required=True)
+    ap.add_argument("--concept", choices=CONCEPTS, required=True)
     ap.add_argument("--model", default=None, help="model folder or file [default: the built-in shapes-v1]")
     ap.add_argument("--steps", type=int, default=600, help="optimisation steps (all 10 images each step)")
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -72,7 +74,6 @@ def main() -> int:
     from sdstack.params import make_params
 
     bundle = load_model(args.model or builtin_model_path())
-    unet = bundle.unet.eval().requires_grad_(False)
     with tempfile.TemporaryDirectory() as tmp:
         paths = concept_dataset(args.concept, tmp, n=10, seed=args.data_seed, token=args.token)
         captions = [p.with_suffix(".txt").read_text().strip() for p in paths]
@@ -86,7 +87,7 @@ def main() -> int:
             ap.error(f"--embedding {args.embedding}: {library.skip_reasons.get(args.token, 'not loaded')}")
         extra, what = {"embeddings": library}, f"the embedding {args.embedding}"
     else:
-        fit_contexts(args, bundle, unet, pixels, captions)
+        fit_contexts(args, bundle, pixels, captions)
         extra, what = {}, f"free per-caption contexts ({args.space}) after {args.steps} steps"
     shown = total = 0
     for i, caption in enumerate(captions):
@@ -103,13 +104,14 @@ def main() -> int:
     return 0
 
 
-def fit_contexts(args, bundle, unet, pixels, captions) -> None:
+def fit_contexts(args, bundle, pixels, captions) -> None:
     """Fit each caption's context (in `args.space`) to its image by the frozen UNet's denoising loss; the text
     conditioner then returns the fitted context for each caption."""
     from sdstack.engine import images as im
     from sdstack.prompts import conditioning
     from sdstack.train.diffusion import diffusion_loss, training_alphas
 
+    unet = bundle.unet.eval().requires_grad_(False)
     latents = im.encode(bundle, pixels)
     start = torch.stack([conditioning.TextConditioner(bundle)(c).context for c in captions])
     encoder = bundle.text_encoders[0].requires_grad_(False)

@@ -60,9 +60,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sdstack.eval.concepts import CONCEPTS  # noqa: E402  (the concepts the oracle reads)
+
 METHODS = ("lora", "dreambooth", "textual_inversion", "full")
-CONCEPTS = ("ring", "outline", "crescent")
-DEFAULT_CONCEPTS = ("ring", "outline")
+DEFAULT_CONCEPTS = ("ring", "outline")  # the proof; the crescent (`--concepts crescent`) only on request
 TOKEN = "zwx"  # tokenizes to 'z' + 'wx</w>': not a CLIP word, and no word of the shapes world
 # prior preservation (module docstring): the world's seven shapes, the circle (nearest the ring) first
 WORLD_CLASS = ("a circle", "a square", "a triangle", "a star", "a hexagon", "a heart", "a cross")
@@ -122,8 +123,8 @@ def check_token(token: str) -> None:
 
 def caption_class_prompt(caption: str, concept: str, token: str) -> str:
     """The class prompt of one instance caption (`--prior captions`): the same words without the trigger, the
-    ring named as the world shape nearest it ("a red zwx ring on a white background" -> "a red circle on a white
-    background"; "zwx style, a pink circle and a red star" -> "a pink circle and a red star")."""
+    ring or crescent named as the world shape nearest it ("a red zwx ring on a white background" -> "a red circle on
+    a white background"; "zwx style, a pink circle and a red star" -> "a pink circle and a red star")."""
     if concept in ("ring", "crescent"):
         text = caption.replace(f"{token} {concept}", "circle")
     else:
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="Base model folder or file [default: built-in].")
     ap.add_argument("--concepts", default=",".join(DEFAULT_CONCEPTS),
-                    help="Comma-separated: ring, outline, crescent [default: ring,outline].")
+                    help=f"Comma-separated: {', '.join(CONCEPTS)} [default: {','.join(DEFAULT_CONCEPTS)}].")
     ap.add_argument("--methods", default=",".join(METHODS), help="Comma-separated: " + ", ".join(METHODS) + ".")
     ap.add_argument("--limit", type=int, default=44, help="Concept prompts per eval (11 colours in turn).")
     ap.add_argument("--single-limit", type=int, default=70,
